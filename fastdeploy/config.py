@@ -1,0 +1,82 @@
+"""Engine configuration, grouped by concern. EngineArgs (engine/args.py) builds these from flags/kwargs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    model: str = "smollm2-135m-instruct"
+    """A .gguf path, a safetensors directory, or an alias of the default model."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens; None takes the model's context length."""
+    dtype: str = "float32"
+    """Compute dtype of the Paddle forward ("float32" on the CPU)."""
+    reasoning_parser: str | None = None
+    """Name of the parser that splits reasoning_content from text (e.g. "qwen3", "ernie-45-vl")."""
+    enable_mm: bool = False
+    """Multimodal input; refused for the text-only models we serve."""
+    use_warmup: bool = False
+    """Run one dummy step at start so the first request does not pay one-time costs."""
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 64
+    """Tokens per KV block."""
+    gpu_memory_utilization: float = 0.9
+    """Share of device memory for KV blocks; on the CPU, the share of *available* RAM after loading."""
+    kv_cache_ratio: float = 0.75
+    """Accepted for FastDeploy compatibility (expected input share of the cache); informational."""
+    num_gpu_blocks_override: int | None = None
+    """Fixed number of KV blocks; skips profiling."""
+    enable_prefix_caching: bool = True
+    """Share full prompt blocks between requests by a chained hash of their tokens."""
+    cpu_kv_cache_max_gib: float = 4.0
+    """On the CPU, never take more than this for KV, whatever is free (other processes need RAM too)."""
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most sequences in one step."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step; longer prompts are prefilled in chunks."""
+    scheduler_name: str = "local"
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    engine_worker_queue_port: int | None = None
+    """Accepted for FastDeploy compatibility; our processes talk over ipc:// and need no port."""
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        """Refuse what we cannot honour, with a message naming the option."""
+        if self.parallel_config.tensor_parallel_size != 1:
+            raise ValueError("--tensor-parallel-size > 1 is not supported yet on this build (CPU, one device)")
+        if self.model_config.enable_mm:
+            raise ValueError("--enable-mm: the served model is text-only; multimodal input is not supported")
+        if self.scheduler_config.scheduler_name != "local":
+            raise ValueError(f"--scheduler-name {self.scheduler_config.scheduler_name!r}: only 'local' is supported")
+        cc = self.cache_config
+        if cc.block_size < 1 or cc.block_size & (cc.block_size - 1):
+            raise ValueError("--block-size must be a power of two")
+        if not 0.0 < cc.gpu_memory_utilization <= 1.0:
+            raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+        if cc.num_gpu_blocks_override is not None and cc.num_gpu_blocks_override < 2:
+            raise ValueError("--num-gpu-blocks-override must be at least 2")
+        sc = self.scheduler_config
+        if sc.max_num_seqs < 1:
+            raise ValueError("--max-num-seqs must be at least 1")
+        if sc.max_num_batched_tokens < 16:
+            raise ValueError("--max-num-batched-tokens must be at least 16")

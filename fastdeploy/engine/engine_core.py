@@ -1,0 +1,215 @@
+"""EngineCore: the busy-loop body shared by the offline LLM API and the engine process.
+
+add_request / abort_requests mutate the queues; step() runs one schedule → forward → sample
+round and returns one columnar StepOutput. Every request ends with exactly one row whose
+finish_reason is set, so every consumer can free its state.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+
+from fastdeploy.config import EngineConfig
+from fastdeploy.engine.block_manager import BlockManager
+from fastdeploy.engine.protocol import EngineRequest, EngineStats, StepOutput, TokenLogprobs
+from fastdeploy.engine.sampler import Sampler
+from fastdeploy.engine.scheduler import ScheduledSeq, Scheduler
+from fastdeploy.engine.sequence import Sequence, SequenceStatus
+from fastdeploy.logger import setup_logging
+from fastdeploy.model_executor.model_runner import ModelRunner
+from fastdeploy.model_store import resolve_model
+
+logger = logging.getLogger("fastdeploy")
+
+_ABORT_MEMORY_SECONDS = 120.0
+_ABORT_MEMORY_SIZE = 4096
+
+
+class EngineRequestError(ValueError):
+    """A request the engine cannot run; `param` names the offending field for the HTTP error body."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class _Rows:
+    """Accumulates the columns of one StepOutput."""
+
+    def __init__(self) -> None:
+        self.out = StepOutput(request_ids=[], new_token_ids=[], finish_reasons=[], num_prompt_tokens=[],
+                              num_cached_tokens=[], logprobs=[], first_scheduled_times=[], error_messages=[])
+
+    def add(self, seq: Sequence, tokens: list[int], finish: str | None, lp: TokenLogprobs | None = None,
+            error: str | None = None) -> None:
+        o = self.out
+        o.request_ids.append(seq.request_id)
+        o.new_token_ids.append(tokens)
+        o.finish_reasons.append(finish)
+        o.num_prompt_tokens.append(seq.num_prompt_tokens)
+        o.num_cached_tokens.append(seq.num_cached_tokens)
+        o.logprobs.append([lp] if lp is not None else None)
+        o.first_scheduled_times.append(seq.first_scheduled_time)
+        o.error_messages.append(error)
+
+    def __len__(self) -> int:
+        return len(self.out.request_ids)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        setup_logging()
+        self.config = config
+        self.model_path = resolve_model(config.model_config.model)
+        self.runner = ModelRunner(self.model_path, config.model_config.max_model_len)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.arch.vocab_size
+        self.eos_token_ids = list(self.runner.arch.eos_token_ids)
+        cache = config.cache_config
+        num_blocks = self.runner.profile_num_blocks(cache)
+        logger.info("Doing profile, the total_block_num:%d", num_blocks)
+        self.runner.init_kv_cache(num_blocks, cache.block_size)
+        self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, self.blocks)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.seqs: dict[str, Sequence] = {}
+        self.recent_aborts: OrderedDict[str, float] = OrderedDict()
+        self.pending = _Rows()
+        self.num_steps = 0
+        self.last_forward_seconds = 0.0
+        if config.model_config.use_warmup:
+            self._warmup()
+
+    # ---- requests -----------------------------------------------------------------------------
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request; raises EngineRequestError for anything that could never run."""
+        rid = req.request_id
+        if rid in self.seqs:
+            raise EngineRequestError("request_id", f"request id {rid!r} is already in flight")
+        params = req.sampling_params
+        seq = Sequence(rid, req.prompt_token_ids, params, max_tokens=0, arrival_time=req.arrival_time,
+                       reply_to=req.reply_to)
+        self._validate(req, seq)
+        if self.recent_aborts.pop(rid, None) is not None:
+            self.pending.add(seq, [], "abort")
+            return
+        self.seqs[rid] = seq
+        self.scheduler.add(seq)
+
+    def _validate(self, req: EngineRequest, seq: Sequence) -> None:
+        ids = req.prompt_token_ids
+        if not ids:
+            raise EngineRequestError("prompt", "the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise EngineRequestError("prompt", f"prompt token ids must be in [0, {self.vocab_size})")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise EngineRequestError(
+                "prompt", f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which leaves no room for output")
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None and max_tokens > room:
+            raise EngineRequestError(
+                "max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"max_model_len ({self.max_model_len})")
+        seq.max_tokens = max_tokens if max_tokens is not None else room
+        need = self.blocks.blocks_needed(len(ids) + seq.max_tokens)
+        if need > self.blocks.num_blocks:
+            raise EngineRequestError(
+                "max_tokens", f"prompt + max_tokens needs {need} KV blocks but the pool has "
+                f"{self.blocks.num_blocks} (block_size {self.blocks.block_size})")
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Idempotent. An abort for an id not seen yet is remembered so it wins when the request arrives."""
+        now = time.monotonic()
+        for rid in request_ids:
+            seq = self.seqs.pop(rid, None)
+            if seq is not None:
+                self.scheduler.remove(seq)
+                self.pending.add(seq, [], "abort")
+            else:
+                self.recent_aborts[rid] = now
+        while self.recent_aborts and (len(self.recent_aborts) > _ABORT_MEMORY_SIZE
+                                      or now - next(iter(self.recent_aborts.values())) > _ABORT_MEMORY_SECONDS):
+            self.recent_aborts.popitem(last=False)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.seqs) or len(self.pending) > 0
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> StepOutput | None:
+        rows, self.pending = self.pending, _Rows()
+        scheduled = self.scheduler.schedule()
+        if scheduled:
+            self._run(scheduled, rows)
+            self.num_steps += 1
+        if not len(rows):
+            return None
+        rows.out.step_time = time.time()
+        return rows.out
+
+    def _run(self, scheduled: list[ScheduledSeq], rows: _Rows) -> None:
+        chunks, starts, tables, logit_rows, sampling = [], [], [], [], []
+        offset = 0
+        for item in scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            chunks.append(seq.all_token_ids[start:start + n])
+            starts.append(start)
+            tables.append(seq.block_table)
+            offset += n
+            if item.completes_prompt:
+                logit_rows.append(offset - 1)
+                sampling.append(seq)
+        t0 = time.perf_counter()
+        logits = self.runner.execute(chunks, starts, tables, logit_rows)
+        self.last_forward_seconds = time.perf_counter() - t0
+        for item in scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.blocks.register_full_blocks(item.seq)
+        if not sampling:
+            return
+        tokens, logprobs = self.sampler.sample(logits, sampling)
+        for seq, token, lp in zip(sampling, tokens, logprobs):
+            seq.append_token(token)
+            finish = self._finish_reason(seq, token)
+            if finish is not None:
+                self.seqs.pop(seq.request_id, None)
+                self.scheduler.remove(seq)
+            rows.add(seq, [token], finish, lp)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        past_min = seq.num_output_tokens >= p.min_tokens
+        if past_min and not p.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if past_min and p.stop_token_ids and token in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _warmup(self) -> None:
+        """One short prefill so lazy initialisation (kernel builds, allocator growth) happens now."""
+        table = list(range(min(2, self.blocks.num_blocks)))
+        self.runner.execute([[0] * 8], [0], [table], [7])
+
+    # ---- observability ------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.blocks.usage(),
+            num_blocks=self.blocks.num_blocks,
+            num_free_blocks=self.blocks.num_free_blocks,
+            prefix_cache_queries=self.blocks.prefix_queries,
+            prefix_cache_hits=self.blocks.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+        )
+
+    def waiting_or_running(self, request_id: str) -> bool:
+        seq = self.seqs.get(request_id)
+        return seq is not None and seq.status != SequenceStatus.FINISHED

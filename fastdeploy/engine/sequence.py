@@ -1,0 +1,62 @@
+"""Per-request state inside the engine."""
+from __future__ import annotations
+
+import enum
+import time
+
+import numpy as np
+
+from fastdeploy.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Tokens, KV blocks and sampling state of one request.
+
+    Invariant: the first `num_computed_tokens` of `all_token_ids` have their K/V in `block_table`.
+    A preempted sequence drops its blocks and recomputes everything (prompt + output so far).
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 max_tokens: int, arrival_time: float | None = None, reply_to: str = "") -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.all_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.max_tokens = max_tokens
+        self.arrival_time = arrival_time or time.time()
+        self.reply_to = reply_to
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []
+        """Chained hashes of the full blocks of all_token_ids registered so far."""
+        self.num_cached_tokens = 0
+        self.first_scheduled_time = 0.0
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        # A private generator per seeded request makes its samples independent of batch composition.
+        self.rng = np.random.default_rng(params.seed) if params.seed is not None else None
+        self.output_counts: dict[int, int] = {}
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1

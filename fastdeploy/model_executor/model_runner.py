@@ -1,0 +1,77 @@
+"""ModelRunner: owns the model weights and the KV pool, turns a schedule into logits."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import paddle
+
+from fastdeploy.config import CacheConfig
+from fastdeploy.model_executor.forward_batch import ForwardBatch
+from fastdeploy.model_executor.loader import load_model_weights
+from fastdeploy.model_executor.model_config import ModelArchConfig
+from fastdeploy.model_executor.models.decoder import DecoderModel
+
+logger = logging.getLogger("fastdeploy")
+
+
+def available_host_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (falls back to physical pages if unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    def __init__(self, model_path: str, max_model_len: int | None = None) -> None:
+        paddle.set_device(os.environ.get("FASTDEPLOY_DEVICE", paddle.device.get_device()))
+        cfg, weights = load_model_weights(model_path)
+        if max_model_len is not None:
+            if max_model_len > cfg.max_position_embeddings:
+                logger.warning("max_model_len %d exceeds the model's context length %d", max_model_len,
+                               cfg.max_position_embeddings)
+            cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_model_len)
+        self.arch: ModelArchConfig = cfg
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        self.model = DecoderModel(cfg, weights)
+        del weights
+        self.kv_caches: list[tuple[paddle.Tensor, paddle.Tensor]] = []
+        self.block_size = 0
+        self.num_blocks = 0
+
+    def profile_num_blocks(self, cache: CacheConfig) -> int:
+        """KV blocks that fit the memory share the cache config grants (or the override)."""
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        per_block = self.model.kv_bytes_per_block(cache.block_size)
+        if paddle.device.is_compiled_with_cuda() and "gpu" in paddle.device.get_device():
+            total = paddle.device.cuda.get_device_properties().total_memory
+            used = paddle.device.cuda.memory_allocated()
+            budget = total * cache.gpu_memory_utilization - used
+        else:
+            # On the CPU the share applies to RAM still available after loading weights, capped so
+            # the tokenizer/detokenizer/api processes and the OS keep room.
+            budget = min(available_host_memory() * cache.gpu_memory_utilization * 0.5,
+                         cache.cpu_kv_cache_max_gib * (1 << 30))
+        # Never more blocks than max_num_seqs full-length sequences could use is not known here;
+        # at least enough for one full-length sequence.
+        minimum = -(-self.max_model_len // cache.block_size)
+        return max(int(budget // per_block), minimum)
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_caches = self.model.allocate_kv_caches(num_blocks, block_size)
+
+    def execute(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]],
+                logits_rows: list[int]) -> np.ndarray:
+        """Run one forward over the concatenated chunks; returns float32 logits for logits_rows."""
+        batch = ForwardBatch.build(token_chunks, start_positions, block_tables, self.block_size, logits_rows)
+        logits = self.model.forward(batch, self.kv_caches)
+        return logits.numpy()
