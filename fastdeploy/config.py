@@ -18,6 +18,8 @@ class ModelConfig:
     """Multimodal input; refused for the text-only models we serve."""
     use_warmup: bool = False
     """Run one dummy step at start so the first request does not pay one-time costs."""
+    seed: int = 0
+    """Seed of the generator shared by requests that set no seed of their own (reproducible runs)."""
 
 
 @dataclass

@@ -60,8 +60,8 @@ def test_chunked_prefill_of_64_matches_golden(chunked_llm, golden):
 
 
 def test_preemption_under_a_tiny_pool_matches_golden(default_model_path, golden):
-    # 16 prompts need far more than 40 blocks of 16 tokens at once: the scheduler must preempt.
-    small = LLM(model=default_model_path, max_model_len=2048, num_gpu_blocks_override=40, block_size=16,
+    # 16 prompts need far more than 80 blocks of 16 tokens at once (the longest alone needs 67): preemption.
+    small = LLM(model=default_model_path, max_model_len=2048, num_gpu_blocks_override=80, block_size=16,
                 max_num_seqs=16)
     prompts, expected = sixteen(golden)
     outs = small.generate(prompts, GREEDY, use_tqdm=False)

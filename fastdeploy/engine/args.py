@@ -25,6 +25,7 @@ class EngineArgs:
     reasoning_parser: str | None = None
     enable_mm: bool = False
     use_warmup: bool = False
+    seed: int = 0
     block_size: int = CacheConfig.block_size
     gpu_memory_utilization: float = CacheConfig.gpu_memory_utilization
     kv_cache_ratio: float = CacheConfig.kv_cache_ratio
@@ -48,7 +49,7 @@ class EngineArgs:
         cfg = EngineConfig(
             model_config=ModelConfig(model=self.model, max_model_len=self.max_model_len, dtype=self.dtype,
                                      reasoning_parser=self.reasoning_parser, enable_mm=self.enable_mm,
-                                     use_warmup=self.use_warmup),
+                                     use_warmup=self.use_warmup, seed=self.seed),
             cache_config=CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                                      kv_cache_ratio=self.kv_cache_ratio,
                                      num_gpu_blocks_override=self.num_gpu_blocks_override,
@@ -72,6 +73,7 @@ class EngineArgs:
         g.add_argument("--reasoning-parser", default=None)
         g.add_argument("--enable-mm", type=_str2bool, nargs="?", const=True, default=False)
         g.add_argument("--use-warmup", type=_str2bool, nargs="?", const=True, default=False)
+        g.add_argument("--seed", type=int, default=0, help="sampling seed for requests without their own")
         g.add_argument("--block-size", type=int, default=d.block_size)
         g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
         g.add_argument("--kv-cache-ratio", type=float, default=d.kv_cache_ratio)
@@ -91,4 +93,4 @@ class EngineArgs:
 
 
 # Accepted for FastDeploy compatibility and ignored on this build (documented in README).
-_IGNORED_KWARGS = {"limit_mm_per_prompt", "quantization", "tokenizer", "seed"}
+_IGNORED_KWARGS = {"limit_mm_per_prompt", "tokenizer"}

@@ -73,7 +73,7 @@ class EngineCore:
         self.runner.init_kv_cache(num_blocks, cache.block_size)
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.blocks)
-        self.sampler = Sampler(self.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids, seed=config.model_config.seed)
         self.seqs: dict[str, Sequence] = {}
         self.recent_aborts: OrderedDict[str, float] = OrderedDict()
         self.pending = _Rows()
