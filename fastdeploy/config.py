@@ -18,6 +18,8 @@ class ModelConfig:
     """Multimodal input; refused for the text-only models we serve."""
     use_warmup: bool = False
     """Run one dummy step at start so the first request does not pay one-time costs."""
+    quantization: str | None = None
+    """Weight format of the linear layers: None (fp32), "bf16" or "wint8" (int8 weight-only)."""
     seed: int = 0
     """Seed of the generator shared by requests that set no seed of their own (reproducible runs)."""
 
@@ -70,6 +72,8 @@ class EngineConfig:
             raise ValueError("--enable-mm: the served model is text-only; multimodal input is not supported")
         if self.scheduler_config.scheduler_name != "local":
             raise ValueError(f"--scheduler-name {self.scheduler_config.scheduler_name!r}: only 'local' is supported")
+        if self.model_config.quantization not in (None, "none", "bf16", "wint8"):
+            raise ValueError(f"--quantization {self.model_config.quantization!r}: choose none, bf16 or wint8")
         cc = self.cache_config
         if cc.block_size < 1 or cc.block_size & (cc.block_size - 1):
             raise ValueError("--block-size must be a power of two")

@@ -26,6 +26,7 @@ class EngineArgs:
     enable_mm: bool = False
     use_warmup: bool = False
     seed: int = 0
+    quantization: str | None = None
     block_size: int = CacheConfig.block_size
     gpu_memory_utilization: float = CacheConfig.gpu_memory_utilization
     kv_cache_ratio: float = CacheConfig.kv_cache_ratio
@@ -49,7 +50,8 @@ class EngineArgs:
         cfg = EngineConfig(
             model_config=ModelConfig(model=self.model, max_model_len=self.max_model_len, dtype=self.dtype,
                                      reasoning_parser=self.reasoning_parser, enable_mm=self.enable_mm,
-                                     use_warmup=self.use_warmup, seed=self.seed),
+                                     use_warmup=self.use_warmup, seed=self.seed,
+                                     quantization=self.quantization),
             cache_config=CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                                      kv_cache_ratio=self.kv_cache_ratio,
                                      num_gpu_blocks_override=self.num_gpu_blocks_override,
@@ -74,6 +76,8 @@ class EngineArgs:
         g.add_argument("--enable-mm", type=_str2bool, nargs="?", const=True, default=False)
         g.add_argument("--use-warmup", type=_str2bool, nargs="?", const=True, default=False)
         g.add_argument("--seed", type=int, default=0, help="sampling seed for requests without their own")
+        g.add_argument("--quantization", default=None, choices=["none", "bf16", "wint8"],
+                       help="weight format of linear layers (default fp32)")
         g.add_argument("--block-size", type=int, default=d.block_size)
         g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
         g.add_argument("--kv-cache-ratio", type=float, default=d.kv_cache_ratio)

@@ -65,7 +65,8 @@ class LLM:
             text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
                                                       **(chat_template_kwargs or {}))
             encoded.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
-        return self._run(encoded, sampling_params, use_tqdm)
+        thinking = bool((chat_template_kwargs or {}).get("enable_thinking", True))
+        return self._run(encoded, sampling_params, use_tqdm, enable_thinking=thinking)
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
@@ -108,7 +109,7 @@ class LLM:
 
     def _run(self, encoded: list[tuple[str | None, list[int]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-             use_tqdm: bool) -> list[RequestOutput]:
+             use_tqdm: bool, enable_thinking: bool = True) -> list[RequestOutput]:
         params_list = self._params_for(sampling_params, len(encoded))
         if any(p.use_beam_search for p in params_list):
             from fastdeploy.engine.beam_search import run_beam_search
@@ -119,7 +120,7 @@ class LLM:
         try:
             for (text, ids), params in zip(encoded, params_list):
                 for rid, child in self._fan_out(params):
-                    tracked[rid] = self._submit(rid, text, ids, child)
+                    tracked[rid] = self._submit(rid, text, ids, child, enable_thinking)
                     order.append(rid)
         except EngineRequestError as exc:
             self.engine.abort_requests(list(tracked))
@@ -138,7 +139,8 @@ class LLM:
             children.append((f"{base}-{i}", params.clone(n=1, seed=seed)))
         return children
 
-    def _submit(self, rid: str, text: str | None, ids: list[int], params: SamplingParams) -> _Tracked:
+    def _submit(self, rid: str, text: str | None, ids: list[int], params: SamplingParams,
+                enable_thinking: bool = True) -> _Tracked:
         if params.bad_words and not params.bad_words_token_ids:
             params = params.clone(bad_words_token_ids=bad_words_to_token_ids(self.tokenizer, params.bad_words))
         index = int(rid.rsplit("-", 1)[1]) if "-" in rid else 0
@@ -147,7 +149,8 @@ class LLM:
                                               arrival_time=now))
         output = RequestOutput(request_id=rid, prompt=text, prompt_token_ids=ids,
                                outputs=CompletionOutput(index=index), metrics=RequestMetrics(arrival_time=now))
-        state = RequestTextState(self.tokenizer, params, reasoning_parser=self.reasoning_parser)
+        state = RequestTextState(self.tokenizer, params, reasoning_parser=self.reasoning_parser,
+                                 prompt_token_ids=ids, enable_thinking=enable_thinking)
         return _Tracked(output, params, state)
 
     def _drain(self) -> None:

@@ -21,9 +21,11 @@ class RotaryEmbedding:
         self.cos = paddle.to_tensor(np.cos(freqs).astype(np.float32))  # [max_pos, d/2]
         self.sin = paddle.to_tensor(np.sin(freqs).astype(np.float32))
 
-    def __call__(self, x: paddle.Tensor, positions: paddle.Tensor) -> paddle.Tensor:
-        cos = paddle.gather(self.cos, positions).unsqueeze(1)  # [T, 1, d/2]
-        sin = paddle.gather(self.sin, positions).unsqueeze(1)
+    def angles(self, positions: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """cos/sin [T, 1, d/2] for a batch; computed once per forward and shared by every layer."""
+        return paddle.gather(self.cos, positions).unsqueeze(1), paddle.gather(self.sin, positions).unsqueeze(1)
+
+    def __call__(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
         half = self.head_dim // 2
         if self.interleaved:
             pairs = x.reshape([x.shape[0], x.shape[1], half, 2])

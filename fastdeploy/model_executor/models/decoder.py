@@ -60,16 +60,17 @@ class DecoderModel:
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleaved)
 
     def _attention(self, layer: DecoderLayerWeights, h: paddle.Tensor, batch: ForwardBatch,
-                   cache: tuple[paddle.Tensor, paddle.Tensor]) -> paddle.Tensor:
+                   cache: tuple[paddle.Tensor, paddle.Tensor], rope: tuple[paddle.Tensor, paddle.Tensor]) -> paddle.Tensor:
         cfg = self.cfg
         qkv = paddle.matmul(h, layer.qkv)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
-        q, k, v = paddle.split(qkv, [self.q_size, self.kv_size, self.kv_size], axis=-1)
         num_tokens = h.shape[0]
-        q = self.rotary(q.reshape([num_tokens, cfg.num_attention_heads, cfg.head_dim]), batch.positions)
-        k = self.rotary(k.reshape([num_tokens, cfg.num_key_value_heads, cfg.head_dim]), batch.positions)
-        v = v.reshape([num_tokens, cfg.num_key_value_heads, cfg.head_dim])
+        heads = qkv.reshape([num_tokens, cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.head_dim])
+        qk, v = paddle.split(heads, [cfg.num_attention_heads + cfg.num_key_value_heads, cfg.num_key_value_heads],
+                             axis=1)
+        qk = self.rotary(qk, *rope)  # q and k heads rotated in one pass
+        q, k = paddle.split(qk, [cfg.num_attention_heads, cfg.num_key_value_heads], axis=1)
         key_cache, value_cache = cache
         attn_ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping)
         out = attn_ops.paged_attention(q, key_cache, value_cache, batch.block_tables, batch.context_lens,
@@ -84,8 +85,9 @@ class DecoderModel:
     def hidden_states(self, batch: ForwardBatch, kv_caches: list[tuple[paddle.Tensor, paddle.Tensor]]) -> paddle.Tensor:
         eps = self.cfg.rms_norm_eps
         x = F.embedding(batch.input_ids, self.embed)
+        rope = self.rotary.angles(batch.positions)
         for layer, cache in zip(self.layers, kv_caches):
-            x = x + self._attention(layer, rms_norm(x, layer.input_norm, eps), batch, cache)
+            x = x + self._attention(layer, rms_norm(x, layer.input_norm, eps), batch, cache, rope)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, eps))
         return x
 

@@ -1,0 +1,1 @@
+"""Hot kernels: C++ Paddle custom operators built from ``native/`` with plain-Paddle references."""
