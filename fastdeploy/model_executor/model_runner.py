@@ -29,7 +29,7 @@ def available_host_memory() -> int:
 
 
 class ModelRunner:
-    def __init__(self, model_path: str, max_model_len: int | None = None) -> None:
+    def __init__(self, model_path: str, max_model_len: int | None = None, quantization: str | None = None) -> None:
         paddle.set_device(os.environ.get("FASTDEPLOY_DEVICE", paddle.device.get_device()))
         cfg, weights = load_model_weights(model_path)
         if max_model_len is not None:
@@ -39,7 +39,7 @@ class ModelRunner:
             cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_model_len)
         self.arch: ModelArchConfig = cfg
         self.max_model_len = max_model_len or cfg.max_position_embeddings
-        self.model = DecoderModel(cfg, weights)
+        self.model = DecoderModel(cfg, weights, quant=quantization or "none")
         del weights
         self.kv_caches: list[tuple[paddle.Tensor, paddle.Tensor]] = []
         self.block_size = 0

@@ -1,8 +1,8 @@
 """Llama-family decoder (Llama/SmolLM2, Qwen2, ERNIE 4.5 dense) in Paddle over a paged KV cache.
 
 The architectures differ only in data (q/k/v bias, rotary pairing, tied head), so one class runs
-all of them. Weights are kept as [in, out] matrices with q|k|v and gate|up fused so a layer costs
-two GEMMs before attention and two after, whatever the batch.
+all of them. q|k|v and gate|up are fused so a layer costs two GEMMs before attention and two after,
+whatever the batch; LinearWeight packs each for the native kernels (fp32, bf16 or int8 weights).
 """
 from __future__ import annotations
 
@@ -11,60 +11,61 @@ import paddle
 import paddle.nn.functional as F
 
 from fastdeploy.model_executor.forward_batch import ForwardBatch
+from fastdeploy.model_executor.layers.linear import LinearWeight
+from fastdeploy.model_executor.layers.norm import rms_norm, silu_mul
 from fastdeploy.model_executor.layers.rotary import RotaryEmbedding
 from fastdeploy.model_executor.model_config import ModelArchConfig
 from fastdeploy.model_executor.ops import paged_attention as attn_ops
 
 
-def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
-    variance = paddle.mean(x * x, axis=-1, keepdim=True)
-    return x * paddle.rsqrt(variance + eps) * weight
-
-
 class DecoderLayerWeights:
-    """Per-layer tensors, fused and transposed once at load time."""
+    """Per-layer tensors, fused (q|k|v, gate|up) and packed once at load time."""
 
-    def __init__(self, cfg: ModelArchConfig, w: dict[str, np.ndarray], i: int) -> None:
+    def __init__(self, cfg: ModelArchConfig, w: dict[str, np.ndarray], i: int, quant: str) -> None:
         p = f"model.layers.{i}."
 
-        def t(name: str) -> np.ndarray:
-            return w[p + name]
+        def take(name: str) -> np.ndarray:
+            return w.pop(p + name)
 
-        qkv = np.concatenate([t("self_attn.q_proj.weight"), t("self_attn.k_proj.weight"), t("self_attn.v_proj.weight")])
-        self.qkv = paddle.to_tensor(np.ascontiguousarray(qkv.T))
-        self.qkv_bias = None
+        qkv = np.concatenate([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
+                              take("self_attn.v_proj.weight")])
+        bias = None
         if cfg.attention_bias:
-            bias = np.concatenate([t("self_attn.q_proj.bias"), t("self_attn.k_proj.bias"), t("self_attn.v_proj.bias")])
-            self.qkv_bias = paddle.to_tensor(bias)
-        self.o = paddle.to_tensor(np.ascontiguousarray(t("self_attn.o_proj.weight").T))
-        gate_up = np.concatenate([t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")])
-        self.gate_up = paddle.to_tensor(np.ascontiguousarray(gate_up.T))
-        self.down = paddle.to_tensor(np.ascontiguousarray(t("mlp.down_proj.weight").T))
-        self.input_norm = paddle.to_tensor(t("input_layernorm.weight"))
-        self.post_norm = paddle.to_tensor(t("post_attention_layernorm.weight"))
+            bias = np.concatenate([take("self_attn.q_proj.bias"), take("self_attn.k_proj.bias"),
+                                   take("self_attn.v_proj.bias")])
+        self.qkv = LinearWeight(qkv, bias, quant)
+        self.o = LinearWeight(take("self_attn.o_proj.weight"), None, quant)
+        self.gate_up = LinearWeight(np.concatenate([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]),
+                                    None, quant)
+        self.down = LinearWeight(take("mlp.down_proj.weight"), None, quant)
+        self.input_norm = paddle.to_tensor(take("input_layernorm.weight"))
+        self.post_norm = paddle.to_tensor(take("post_attention_layernorm.weight"))
 
 
 class DecoderModel:
-    """Forward pass: token ids of a ForwardBatch → logits of the requested rows."""
+    """Forward pass: token ids of a ForwardBatch → logits of the requested rows.
 
-    def __init__(self, cfg: ModelArchConfig, weights: dict[str, np.ndarray]) -> None:
+    quant selects the linear layers' weight format ("none" = fp32, "bf16", "wint8"); the embedding
+    table stays fp32. The weights dict is consumed (popped) to keep peak memory low.
+    """
+
+    def __init__(self, cfg: ModelArchConfig, weights: dict[str, np.ndarray], quant: str = "none") -> None:
         self.cfg = cfg
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.embed = paddle.to_tensor(weights["model.embed_tokens.weight"])
-        head = weights["model.embed_tokens.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
-        self.lm_head = paddle.to_tensor(np.ascontiguousarray(head.T))
-        self.final_norm = paddle.to_tensor(weights["model.norm.weight"])
-        self.layers = [DecoderLayerWeights(cfg, weights, i) for i in range(cfg.num_hidden_layers)]
+        embed = weights.pop("model.embed_tokens.weight")
+        self.embed = paddle.to_tensor(embed)
+        head = embed if cfg.tie_word_embeddings else weights.pop("lm_head.weight")
+        self.lm_head = LinearWeight(head, None, quant)
+        self.final_norm = paddle.to_tensor(weights.pop("model.norm.weight"))
+        self.layers = [DecoderLayerWeights(cfg, weights, i, quant) for i in range(cfg.num_hidden_layers)]
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleaved)
 
     def _attention(self, layer: DecoderLayerWeights, h: paddle.Tensor, batch: ForwardBatch,
                    cache: tuple[paddle.Tensor, paddle.Tensor], rope: tuple[paddle.Tensor, paddle.Tensor]) -> paddle.Tensor:
         cfg = self.cfg
-        qkv = paddle.matmul(h, layer.qkv)
-        if layer.qkv_bias is not None:
-            qkv = qkv + layer.qkv_bias
+        qkv = layer.qkv(h)
         num_tokens = h.shape[0]
         heads = qkv.reshape([num_tokens, cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.head_dim])
         qk, v = paddle.split(heads, [cfg.num_attention_heads + cfg.num_key_value_heads, cfg.num_key_value_heads],
@@ -75,28 +76,33 @@ class DecoderModel:
         attn_ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping)
         out = attn_ops.paged_attention(q, key_cache, value_cache, batch.block_tables, batch.context_lens,
                                        batch.query_start_loc, self.scale)
-        return paddle.matmul(out.reshape([num_tokens, self.q_size]), layer.o)
+        return layer.o(out.reshape([num_tokens, self.q_size]))
 
     def _mlp(self, layer: DecoderLayerWeights, h: paddle.Tensor) -> paddle.Tensor:
-        gate, up = paddle.chunk(paddle.matmul(h, layer.gate_up), 2, axis=-1)
-        return paddle.matmul(F.silu(gate) * up, layer.down)
+        return layer.down(silu_mul(layer.gate_up(h)))
 
     @paddle.no_grad()
-    def hidden_states(self, batch: ForwardBatch, kv_caches: list[tuple[paddle.Tensor, paddle.Tensor]]) -> paddle.Tensor:
+    def hidden_states(self, batch: ForwardBatch,
+                      kv_caches: list[tuple[paddle.Tensor, paddle.Tensor]]) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Last layer's MLP output and the residual stream before it (their sum is the hidden state)."""
         eps = self.cfg.rms_norm_eps
-        x = F.embedding(batch.input_ids, self.embed)
+        h = F.embedding(batch.input_ids, self.embed)
+        residual = None
         rope = self.rotary.angles(batch.positions)
         for layer, cache in zip(self.layers, kv_caches):
-            x = x + self._attention(layer, rms_norm(x, layer.input_norm, eps), batch, cache, rope)
-            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, eps))
-        return x
+            x, residual = rms_norm(h, layer.input_norm, eps, residual)
+            h = self._attention(layer, x, batch, cache, rope)
+            x, residual = rms_norm(h, layer.post_norm, eps, residual)
+            h = self._mlp(layer, x)
+        return h, residual
 
     @paddle.no_grad()
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[paddle.Tensor, paddle.Tensor]]) -> paddle.Tensor:
         """Logits [num_logits, vocab] (float32) for batch.logits_indices rows."""
-        x = self.hidden_states(batch, kv_caches)
-        x = paddle.gather(x, batch.logits_indices)
-        return paddle.matmul(rms_norm(x, self.final_norm, self.cfg.rms_norm_eps), self.lm_head)
+        h, residual = self.hidden_states(batch, kv_caches)
+        rows = batch.logits_indices
+        x, _ = rms_norm(paddle.gather(h, rows), self.final_norm, self.cfg.rms_norm_eps, paddle.gather(residual, rows))
+        return self.lm_head(x)
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
         shape = [num_blocks, self.cfg.num_key_value_heads, block_size, self.cfg.head_dim]

@@ -1,0 +1,378 @@
+"""Linear layers ``y = x @ W (+ bias)`` with fp32, bf16 or weight-only 8-bit weights.
+
+A :class:`LinearWeight` takes a Hugging Face ``[out, in]`` float32 matrix once, quantizes it
+(``quant``), and serves ``x [M, in] -> [M, out]`` float32 from then on.
+
+Quantization (the same values on both backends, so they differ only by summation order):
+
+- ``"none"``: fp32 as given.
+- ``"bf16"``: weights rounded to bf16 (round to nearest even).
+- ``"wint8"``: 8 bits per weight on an affine grid ``w = u * scale + zero`` (``u`` in 0..255), one
+  fp32 (scale, zero) per group of ``group_size`` consecutive inputs of one output column. Per group
+  the quantizer takes whichever of two grids fits better: the symmetric one (``zero = -128 scale``,
+  exact for GGUF Q8_0 blocks) or the min-based one (``zero = min``, ``scale = (max - min) / 255``,
+  exact for Q4_0/Q4_1/Q5_x blocks, whose 16 or 32 levels land on every 17th or 8th step). With
+  groups of 32 aligned to the GGUF blocks, a GGUF model's weights come back unchanged (up to fp32
+  rounding); for other weights the error is at most half a step, ``(max - min) / 510``.
+
+Backends (``FASTDEPLOY_LINEAR_BACKEND`` = ``native`` | ``reference``; unset = native when the C++
+extension builds and the CPU has AVX-512, else the reference with one warning):
+
+- native: ``native/linear.cc`` (``fd_linear``), weights pre-packed into 32-column panels. With few
+  rows (decode) it streams the weights once with fp32 activations; from ``bf16_dot_min_rows`` rows
+  on, bf16 and 8-bit weights multiply bf16-rounded activations with AVX512-BF16 (``vdpbf16ps``),
+  which is twice as fast as fp32 once the GEMM is compute-bound.
+- reference: plain Paddle on any device: dequantize to fp32 and ``paddle.matmul``.
+
+``FASTDEPLOY_REQUIRE_NATIVE=1`` turns a failed native build into an error instead of a fallback.
+
+Choosing the native backend also calls :func:`retain_freed_memory` (opt out with
+``FASTDEPLOY_MALLOC_TUNING=0``): Paddle's CPU allocator hands blocks of 2 MB and more to glibc, which
+maps them fresh and unmaps them on free, so every large activation or output is page-faulted in
+again on every call: 0.4 ms per MB measured here, more than the GEMM itself for a 1024-row prefill.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import sys
+from types import ModuleType
+
+import numpy as np
+import paddle
+
+from fastdeploy.model_executor.ops.native_build import NativeBuildError, load_extension, native_num_threads
+
+logger = logging.getLogger("fastdeploy")
+
+BACKEND_ENV = "FASTDEPLOY_LINEAR_BACKEND"
+REQUIRE_NATIVE_ENV = "FASTDEPLOY_REQUIRE_NATIVE"
+NATIVE = "native"
+REFERENCE = "reference"
+QUANT_MODES = ("none", "bf16", "wint8")
+
+EXTENSION_NAME = "fastdeploy_linear_ops"
+EXTENSION_SOURCES = ("linear.cc", "norm.cc")
+
+PANEL = 32
+"""Output columns per packed panel (two AVX-512 registers of fp32); see native/linear.cc."""
+DEFAULT_GROUP_SIZE = 32
+"""wint8 group along K: GGUF's block size, so GGUF weights requantize exactly. The fp32 scale and
+zero cost 0.25 byte per weight; 64 halves that at the price of exactness (scripts/bench_linear.py
+--accuracy compares them)."""
+DEFAULT_BF16_DOT_MIN_ROWS = 16
+"""From this many rows on, bf16/8-bit weights use the vdpbf16ps path (bf16 activations): by then the
+GEMM is compute-bound, and vdpbf16ps multiplies twice as fast as fp32 FMA."""
+
+_FORMAT_CODE = {"none": 0, "bf16": 1, "wint8": 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend selection.
+
+
+def _require_native() -> bool:
+    return os.environ.get(REQUIRE_NATIVE_ENV, "").strip() not in ("", "0")
+
+
+def native_ops() -> ModuleType:
+    """The compiled extension (built on first use); raises NativeBuildError if unavailable."""
+    return load_extension(EXTENSION_NAME, EXTENSION_SOURCES)
+
+
+@functools.cache
+def native_caps() -> tuple[bool, bool]:
+    """(AVX-512 kernels available, vdpbf16ps available); raises NativeBuildError if no build."""
+    caps = native_ops().fd_linear_caps(paddle.zeros([1], dtype="float32")).numpy()
+    return bool(caps[0]), bool(caps[1])
+
+
+MALLOC_TUNING_ENV = "FASTDEPLOY_MALLOC_TUNING"
+_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def retain_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Make glibc serve blocks below ``mmap_threshold`` from its heap and keep up to
+    ``trim_threshold`` of freed memory instead of returning it to the kernel, so a block freed by
+    one op is reused by the next without page faults. Process-wide; True if applied."""
+    if not sys.platform.startswith("linux") or os.environ.get(MALLOC_TUNING_ENV, "").strip() == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+    logger.debug("glibc malloc: mmap threshold %d, trim threshold %d (applied=%s)",
+                 mmap_threshold, trim_threshold, applied)
+    return applied
+
+
+@functools.cache
+def linear_backend_name() -> str:
+    """``native`` or ``reference``, decided once per process."""
+    requested = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if requested == REFERENCE:
+        return REFERENCE
+    if requested not in ("", NATIVE):
+        raise ValueError(f"{BACKEND_ENV}={requested!r}: expected {NATIVE!r} or {REFERENCE!r}")
+    if not requested and not paddle.get_device().startswith("cpu"):
+        return REFERENCE  # the native kernels are CPU kernels; device tensors take the reference path
+    try:
+        avx512, _ = native_caps()
+        if not avx512:
+            raise NativeBuildError("the extension was built without AVX-512 (this CPU lacks it)")
+    except NativeBuildError as exc:
+        if requested == NATIVE or _require_native():
+            raise
+        logger.warning("Native linear ops unavailable, using the plain-Paddle reference: %s",
+                       str(exc).splitlines()[0])
+        return REFERENCE
+    retain_freed_memory()
+    return NATIVE
+
+
+@functools.cache
+def _num_threads() -> int:
+    return native_num_threads()
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantization (numpy, once per weight).
+
+
+def round_to_bf16_bits(w: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), round to nearest even, as vcvtneps2bf16 does."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def quantize_uint8(w_out_in: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine 8-bit per (output row, group of ``group_size`` inputs): returns ``u`` uint8
+    ``[out, in]``, ``scales`` and ``zeros`` float32 ``[out, in / group_size]`` with
+    ``w ~= u * scale + zero``, each group on the better of the symmetric and the min-based grid."""
+    n, k = w_out_in.shape
+    u = np.empty((n, k), dtype=np.uint8)
+    scales = np.empty((n, k // group_size), dtype=np.float32)
+    zeros = np.empty_like(scales)
+    rows = max(1, (1 << 22) // max(k, 1))  # bounded temporaries for the 49152-row lm_head
+    for r0 in range(0, n, rows):
+        g = np.asarray(w_out_in[r0:r0 + rows], dtype=np.float32).reshape(-1, k // group_size, group_size)
+        lo, hi = g.min(axis=-1), g.max(axis=-1)
+        s_min = (hi - lo) / np.float32(255.0)
+        s_sym = np.maximum(np.abs(lo), np.abs(hi)) / np.float32(127.0)
+        u_min = _round_to_grid(g - lo[..., None], s_min, 0.0)
+        u_sym = _round_to_grid(g, s_sym, 128.0)
+        z_sym = np.float32(-128.0) * s_sym
+        err_min = np.abs(u_min * s_min[..., None] + lo[..., None] - g).max(axis=-1)
+        err_sym = np.abs(u_sym * s_sym[..., None] + z_sym[..., None] - g).max(axis=-1)
+        use_sym = err_sym < err_min
+        u[r0:r0 + rows] = np.where(use_sym[..., None], u_sym, u_min).reshape(-1, k).astype(np.uint8)
+        scales[r0:r0 + rows] = np.where(use_sym, s_sym, s_min)
+        zeros[r0:r0 + rows] = np.where(use_sym, z_sym, lo)
+    return u, scales, zeros
+
+
+def _round_to_grid(values: np.ndarray, step: np.ndarray, offset: float) -> np.ndarray:
+    """round(values / step) + offset clipped to 0..255, as float32 (step 0: a constant group)."""
+    safe = np.where(step > 0, step, np.float32(1.0))[..., None]
+    return np.clip(np.rint(values / safe) + np.float32(offset), 0, 255).astype(np.float32)
+
+
+def dequantize_uint8(u: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """Inverse of quantize_uint8: the float32 weights the native kernel multiplies with. It forms
+    ``u * scale + zero`` with one FMA, i.e. rounded once; float64 arithmetic does the same here."""
+    n, k = u.shape
+    groups = scales.shape[1]
+    w = u.reshape(n, groups, k // groups).astype(np.float64) * scales[..., None] + zeros[..., None]
+    return w.astype(np.float32).reshape(n, k)
+
+
+def pick_group_size(k: int, preferred: int = DEFAULT_GROUP_SIZE) -> int:
+    """The preferred group if it divides K, else the largest even one that does (the kernel reads
+    k-pairs), else K itself (one scale per output channel; reference path only when K is odd)."""
+    for size in (preferred, 64, 32, 16, 8, 4, 2):
+        if size <= k and k % size == 0:
+            return size
+    return k
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing into the panel layout of native/linear.cc.
+
+
+def _panels(w_in_out: np.ndarray) -> tuple[np.ndarray, int]:
+    """[K, N] -> [P, K, 32] with N zero-padded to P * 32."""
+    k, n = w_in_out.shape
+    num_panels = -(-n // PANEL)
+    padded = np.zeros((k, num_panels * PANEL), dtype=w_in_out.dtype)
+    padded[:, :n] = w_in_out
+    return np.ascontiguousarray(padded.reshape(k, num_panels, PANEL).transpose(1, 0, 2)), num_panels
+
+
+def pack_f32(w_out_in: np.ndarray) -> np.ndarray:
+    panels, _ = _panels(np.ascontiguousarray(w_out_in.T, dtype=np.float32))
+    return panels.reshape(-1).view(np.uint8)
+
+
+def pack_bf16(bits_out_in: np.ndarray) -> np.ndarray:
+    """bf16 bits [N, K] -> per panel [K/2][32][2]: k-pairs side by side, as vdpbf16ps reads them."""
+    panels, num_panels = _panels(bits_out_in.T)  # [P, K, 32]
+    k = bits_out_in.shape[1]
+    pairs = panels.reshape(num_panels, k // 2, 2, PANEL).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(pairs).reshape(-1).view(np.uint8)
+
+
+def pack_uint8(u_out_in: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """Per panel and group along K: uint8 [G][32], float32 scale[32], float32 zero[32]."""
+    n, k = u_out_in.shape
+    groups = scales.shape[1]
+    u_panels, num_panels = _panels(u_out_in.T)                  # [P, K, 32] uint8
+    s_panels, _ = _panels(np.ascontiguousarray(scales.T))       # [P, groups, 32] float32
+    z_panels, _ = _panels(np.ascontiguousarray(zeros.T))
+    parts = [u_panels.reshape(num_panels, groups, (k // groups) * PANEL),
+             s_panels.reshape(num_panels, groups, PANEL).view(np.uint8),
+             z_panels.reshape(num_panels, groups, PANEL).view(np.uint8)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class LinearWeight:
+    """A prepared weight for ``y = x @ W (+ bias)``. quant: "none" (fp32), "bf16", "wint8".
+
+    ``w_out_in`` is float32 in Hugging Face layout ``[out, in]``. ``backend`` overrides
+    :func:`linear_backend_name` for this weight (tests build one of each); ``group_size`` is the
+    wint8 group along K; ``bf16_dot_min_rows`` (0 = never) is where bf16/8-bit weights switch
+    to bf16 activations on the native backend.
+    """
+
+    def __init__(self, w_out_in: np.ndarray, bias: np.ndarray | None = None, quant: str = "none", *,
+                 backend: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+                 bf16_dot_min_rows: int = DEFAULT_BF16_DOT_MIN_ROWS) -> None:
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant={quant!r}: expected one of {QUANT_MODES}")
+        w = np.asarray(w_out_in, dtype=np.float32)
+        if w.ndim != 2:
+            raise ValueError(f"weight must be 2-D [out, in], got shape {w.shape}")
+        self.out_features, self.in_features = int(w.shape[0]), int(w.shape[1])
+        self.quant = quant
+        self._format = _FORMAT_CODE[quant]
+        self.group_size = pick_group_size(self.in_features, group_size) if quant == "wint8" else 0
+        self.bf16_dot_min_rows = int(bf16_dot_min_rows)
+        if bias is not None:
+            bias = np.asarray(bias, dtype=np.float32).reshape(-1)
+            if bias.shape[0] != self.out_features:
+                raise ValueError(f"bias has {bias.shape[0]} elements, expected {self.out_features}")
+        self.backend = backend if backend is not None else linear_backend_name()
+        if self.backend not in (NATIVE, REFERENCE):
+            raise ValueError(f"backend={self.backend!r}: expected {NATIVE!r} or {REFERENCE!r}")
+        if self.backend == NATIVE and not self._native_supported():
+            self.backend = REFERENCE  # shapes the kernel does not take (odd K for bf16/wint8)
+
+        self._bias = paddle.to_tensor(bias) if bias is not None else None
+        self._packed: paddle.Tensor | None = None
+        self._ref_w: paddle.Tensor | None = None
+        self._ref_scales: paddle.Tensor | None = None
+        self._ref_zeros: paddle.Tensor | None = None
+        if self.backend == NATIVE:
+            self._init_native(w)
+            self._forward = self._native
+        else:
+            self._init_reference(w)
+            self._forward = self.reference
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _native_supported(self) -> bool:
+        k = self.in_features
+        if self.quant == "bf16":
+            return k % 2 == 0
+        if self.quant == "wint8":
+            return self.group_size % 2 == 0 and k % self.group_size == 0
+        return True
+
+    def _init_native(self, w: np.ndarray) -> None:
+        if self.quant == "none":
+            packed = pack_f32(w)
+        elif self.quant == "bf16":
+            packed = pack_bf16(round_to_bf16_bits(w))
+        else:
+            packed = pack_uint8(*quantize_uint8(w, self.group_size))
+        self._packed = paddle.to_tensor(packed)
+        # The op always takes a bias tensor: an optional input costs ~10 us more per call in Paddle.
+        self._bias_arg = self._bias if self._bias is not None else paddle.zeros([0], dtype="float32")
+        self._dot_rows = self.bf16_dot_min_rows if native_caps()[1] else 0
+        self._threads = _num_threads()
+        self._op = native_ops().fd_linear  # looked up once: load_extension takes a lock
+
+    def _init_reference(self, w: np.ndarray) -> None:
+        if self.quant == "none":
+            self._ref_w = paddle.to_tensor(np.ascontiguousarray(w.T))
+        elif self.quant == "bf16":
+            # numpy uint16 becomes a Paddle bfloat16 tensor: half the memory of fp32 until used.
+            self._ref_w = paddle.to_tensor(np.ascontiguousarray(round_to_bf16_bits(w).T))
+        else:
+            u, scales, zeros = quantize_uint8(w, self.group_size)
+            self._ref_w = paddle.to_tensor(np.ascontiguousarray(u.T))            # [K, N] uint8
+            self._ref_scales = paddle.to_tensor(np.ascontiguousarray(scales.T))  # [K/G, N]
+            self._ref_zeros = paddle.to_tensor(np.ascontiguousarray(zeros.T))
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def __call__(self, x: paddle.Tensor) -> paddle.Tensor:
+        """``x [..., in]`` float32 -> ``[..., out]`` float32."""
+        return self._forward(x)
+
+    def _native(self, x: paddle.Tensor) -> paddle.Tensor:
+        # The hot path of a decode step (~120 calls): no dtype or place checks here (each costs
+        # ~0.5 us in Paddle); the op itself rejects anything but a float32 CPU tensor.
+        if x.ndim == 2:
+            return self._op(x, self._packed, self._bias_arg, self.out_features, self._format, self.group_size,
+                            self._dot_rows, self._threads)
+        lead = list(x.shape[:-1])
+        y = self._op(x.reshape([-1, self.in_features]), self._packed, self._bias_arg, self.out_features,
+                     self._format, self.group_size, self._dot_rows, self._threads)
+        return y.reshape([*lead, self.out_features])
+
+    def dequantized_weight(self) -> paddle.Tensor:
+        """The fp32 ``[in, out]`` matrix this layer multiplies with (reference backend only)."""
+        if self._ref_w is None:
+            raise RuntimeError("dequantized_weight() needs the reference backend")
+        if self.quant == "none":
+            return self._ref_w
+        if self.quant == "bf16":
+            return self._ref_w.astype("float32")
+        k, n = self.in_features, self.out_features
+        groups = k // self.group_size
+        u = self._ref_w.astype("float32").reshape([groups, self.group_size, n])
+        return (u * self._ref_scales.unsqueeze(1) + self._ref_zeros.unsqueeze(1)).reshape([k, n])
+
+    def reference(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Plain Paddle: dequantize to fp32, matmul, add the bias."""
+        y = paddle.matmul(x, self.dequantized_weight())
+        return y + self._bias if self._bias is not None else y
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weight data one call reads (packed layout, or the reference's stored tensors)."""
+        if self._packed is not None:
+            return int(self._packed.shape[0])
+        size = int(np.prod(self._ref_w.shape)) * (4 if self.quant == "none" else 2 if self.quant == "bf16" else 1)
+        if self._ref_scales is not None:
+            size += int(np.prod(self._ref_scales.shape)) * 8  # scales and zeros
+        return size
+
+    def __repr__(self) -> str:
+        return (f"LinearWeight(in={self.in_features}, out={self.out_features}, quant={self.quant!r}, "
+                f"backend={self.backend!r}, bias={self._bias is not None})")
