@@ -1,0 +1,302 @@
+"""OpenAI request validation → SamplingParams, and the OpenAI error body.
+
+Request bodies are plain JSON objects checked field by field (bool is not an int, NaN is not a
+number), so every bad field becomes a 400 naming it in `param`. Unknown fields are ignored, as
+FastDeploy documents.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastdeploy.engine.sampling_params import SamplingParams, SamplingParamsError
+
+ACCEPTED_MODEL_ALIASES = ("default", "null")
+MAX_PROMPTS = 64
+MAX_BEAMS = 16
+_ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+
+
+class ApiError(Exception):
+    """An error answered with the OpenAI body {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code or {400: "invalid_value", 401: "invalid_api_key", 404: "model_not_found",
+                             413: "request_too_large", 429: "rate_limit_exceeded"}.get(status, "server_error")
+        self.error_type = error_type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+def error_body(message: str, error_type: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+@dataclass
+class ModelContext:
+    served_model_name: str
+    model: str
+    max_model_len: int = 0
+    vocab_size: int = 0
+
+
+@dataclass
+class ParsedRequest:
+    kind: str
+    """"chat" or "completion"."""
+    model: str
+    params: SamplingParams
+    messages: list[dict[str, Any]] | None = None
+    prompts: list[str | list[int]] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+    return_token_ids: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    logprobs: bool = False
+    echo: bool = False
+    beam_width: int = 0
+    """> 0: beam search with this many beams (use_beam_search / num_beams); n best are returned."""
+
+
+class _Body:
+    """Typed access to one JSON object; every failure is a 400 naming the field."""
+
+    def __init__(self, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        self.data = data
+
+    def get(self, name: str) -> Any:
+        return self.data.get(name)
+
+    def integer(self, name: str, lo: int | None = None, hi: int | None = None, value: Any = None) -> int | None:
+        value = self.data.get(name) if value is None else value
+        if value is None:
+            return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ApiError(400, f"'{name}' must be an integer, got {type(value).__name__}", name)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ApiError(400, f"'{name}' must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}", name)
+        return value
+
+    def number(self, name: str, lo: float, hi: float, value: Any = None) -> float | None:
+        value = self.data.get(name) if value is None else value
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ApiError(400, f"'{name}' must be a finite number", name)
+        if not lo <= value <= hi:
+            raise ApiError(400, f"'{name}' must be in [{lo}, {hi}], got {value}", name)
+        return float(value)
+
+    def boolean(self, name: str, value: Any = None) -> bool | None:
+        value = self.data.get(name) if value is None else value
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            raise ApiError(400, f"'{name}' must be true or false", name)
+        return value
+
+    def obj(self, name: str) -> dict[str, Any] | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ApiError(400, f"'{name}' must be an object", name)
+        return value
+
+    def strings(self, name: str) -> list[str] | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise ApiError(400, f"'{name}' must be a string or a list of strings", name)
+        return value
+
+    def int_list(self, name: str) -> list[int] | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            raise ApiError(400, f"'{name}' must be a list of integers", name)
+        return value
+
+
+def check_model(body: _Body, ctx: ModelContext) -> str:
+    model = body.get("model")
+    if model is None or model in ACCEPTED_MODEL_ALIASES or model in (ctx.served_model_name, ctx.model):
+        return ctx.served_model_name
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", "model")
+    raise ApiError(404, f"The model `{model}` does not exist; this server serves `{ctx.served_model_name}`",
+                   "model", "model_not_found")
+
+
+def _sampling_params(body: _Body, max_tokens_default: int | None, logprobs: int | None
+                     ) -> tuple[SamplingParams, int]:
+    meta = body.obj("metadata") or {}
+    # FastDeploy reads min_tokens etc. from metadata too; a top-level field wins.
+    pick = lambda name: body.get(name) if body.get(name) is not None else meta.get(name)  # noqa: E731
+    max_tokens = body.integer("max_tokens", 1, None)
+    if max_tokens is None:
+        max_tokens = body.integer("max_completion_tokens", 1, None)
+    n = body.integer("n", 1, 64) or 1
+    stop = body.strings("stop")
+    if stop is not None and (len(stop) > 16 or not all(stop)):
+        raise ApiError(400, "'stop' must be at most 16 non-empty strings", "stop")
+    kwargs: dict[str, Any] = dict(
+        n=n, best_of=body.integer("best_of", 1, 64),
+        presence_penalty=body.number("presence_penalty", -2.0, 2.0),
+        frequency_penalty=body.number("frequency_penalty", -2.0, 2.0),
+        repetition_penalty=body.number("repetition_penalty", 1e-6, 10.0),
+        temperature=body.number("temperature", 0.0, 2.0), top_p=body.number("top_p", 1e-9, 1.0),
+        top_k=body.integer("top_k", -1, None), min_p=body.number("min_p", 0.0, 1.0),
+        seed=body.integer("seed", 0, 2**63 - 1), stop=stop, stop_token_ids=body.int_list("stop_token_ids"),
+        bad_words=body.strings("bad_words"),
+        max_tokens=max_tokens if max_tokens is not None else max_tokens_default,
+        min_tokens=body.integer("min_tokens", 0, None, pick("min_tokens")) or 0,
+        logprobs=logprobs, ignore_eos=body.boolean("ignore_eos"),
+        skip_special_tokens=body.boolean("skip_special_tokens"),
+        include_stop_str_in_output=body.boolean("include_stop_str_in_output"),
+        reasoning_max_tokens=body.integer("reasoning_max_tokens", 1, None, pick("reasoning_max_tokens")),
+    )
+    try:
+        params = SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
+    except SamplingParamsError as exc:
+        raise ApiError(400, str(exc), exc.param) from None
+    return params, _beam_width(body, params)
+
+
+def _beam_width(body: _Body, params: SamplingParams) -> int:
+    """Beam width as seed 002 defines it: num_beams, else best_of, else n; 0 when not searching."""
+    num_beams = body.integer("num_beams", 1, MAX_BEAMS)
+    use = bool(body.boolean("use_beam_search")) or (num_beams or 1) > 1
+    if not use:
+        if params.best_of is not None and params.best_of > params.n:
+            raise ApiError(400, "best_of > n is only supported with beam search (use_beam_search: true)", "best_of")
+        return 0
+    width = num_beams if num_beams and num_beams > 1 else (params.best_of or params.n)
+    if width > MAX_BEAMS or width < params.n:
+        raise ApiError(400, f"beam width must be in [n, {MAX_BEAMS}], got {width}",
+                       "num_beams" if num_beams else "best_of")
+    return width
+
+
+def _stream_options(body: _Body, stream: bool) -> tuple[bool, bool]:
+    opts = body.obj("stream_options")
+    if opts is None:
+        return False, False
+    if not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    inner = _Body(opts)
+    return bool(inner.boolean("include_usage")), bool(inner.boolean("continuous_usage_stats"))
+
+
+def parse_chat(data: Any, ctx: ModelContext) -> ParsedRequest:
+    body = _Body(data)
+    model = check_model(body, ctx)
+    messages = _messages(body.get("messages"))
+    logprobs = bool(body.boolean("logprobs"))
+    top = body.integer("top_logprobs", 0, 20)
+    if top is not None and not logprobs:
+        raise ApiError(400, "'top_logprobs' requires 'logprobs': true", "top_logprobs")
+    params, beam_width = _sampling_params(body, None, (top or 0) if logprobs else None)
+    stream = bool(body.boolean("stream"))
+    include_usage, continuous = _stream_options(body, stream)
+    meta = body.obj("metadata") or {}
+    kwargs = body.obj("chat_template_kwargs")
+    thinking = body.get("enable_thinking")
+    if thinking is None:
+        thinking = meta.get("enable_thinking", (kwargs or {}).get("enable_thinking"))
+    if thinking is not None and not isinstance(thinking, bool):
+        raise ApiError(400, "'enable_thinking' must be true or false", "enable_thinking")
+    return ParsedRequest(kind="chat", model=model, params=params, messages=messages, stream=stream,
+                         include_usage=include_usage, continuous_usage=continuous,
+                         return_token_ids=bool(body.boolean("return_token_ids")), chat_template_kwargs=kwargs,
+                         enable_thinking=thinking, logprobs=logprobs, beam_width=beam_width)
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ApiError(400, f"{where} must be an object", "messages")
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise ApiError(400, f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}", "messages")
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = _text_parts(content, where)
+        elif content is None:
+            if role != "assistant":
+                raise ApiError(400, f"{where}.content is required for role {role!r}", "messages")
+            content = ""
+        elif not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string or a list of text parts", "messages")
+        out.append({**msg, "content": content})
+    return out
+
+
+def _text_parts(parts: list[Any], where: str) -> str:
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ApiError(400, f"{where}.content: only text parts are supported by this text-only model, "
+                                f"got {kind!r}", "messages")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def parse_completion(data: Any, ctx: ModelContext) -> ParsedRequest:
+    body = _Body(data)
+    model = check_model(body, ctx)
+    prompts = _prompts(body.get("prompt"), ctx.vocab_size)
+    logprobs = body.integer("logprobs", 0, 20)
+    params, beam_width = _sampling_params(body, 16, logprobs)
+    stream = bool(body.boolean("stream"))
+    include_usage, continuous = _stream_options(body, stream)
+    return ParsedRequest(kind="completion", model=model, params=params, prompts=prompts, stream=stream,
+                         include_usage=include_usage, continuous_usage=continuous,
+                         return_token_ids=bool(body.boolean("return_token_ids")), logprobs=logprobs is not None,
+                         echo=bool(body.boolean("echo")), beam_width=beam_width)
+
+
+def _prompts(value: Any, vocab_size: int) -> list[str | list[int]]:
+    def ids_ok(ids: list[Any]) -> bool:
+        return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t and (not vocab_size or t < vocab_size)
+                   for t in ids)
+
+    if isinstance(value, str):
+        prompts: list[Any] = [value]
+    elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        prompts = [value]
+    elif isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        prompts = value
+    else:
+        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                            "token id lists", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
+    for p in prompts:
+        if not p:
+            raise ApiError(400, "'prompt' must not be empty", "prompt")
+        if isinstance(p, list) and not ids_ok(p):
+            raise ApiError(400, f"'prompt' token ids must be integers in [0, {vocab_size or 'vocab size'})", "prompt")
+    return prompts

@@ -1,0 +1,102 @@
+"""What chat and completion serving share: SSE writing, usage, per-choice accumulation."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from fastdeploy.entrypoints import wire
+from fastdeploy.entrypoints.openai.protocol import ApiError
+
+
+class ChunkSource(Protocol):
+    """What the formatters read: a live Submission or a finished beam search result."""
+
+    request_ids: list[str]
+    arrival: float
+
+    def chunks(self) -> AsyncIterator[wire.TextChunk]: ...
+
+
+@dataclass
+class ChoiceState:
+    """Everything known about one choice once its chunks are merged (non-streaming, usage)."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[wire.LogprobEntry] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+
+
+@dataclass
+class UsageTracker:
+    """Prompt tokens are counted once per prompt (not per choice); output tokens per choice."""
+
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    cached_tokens: dict[str, int] = field(default_factory=dict)
+    output_tokens: dict[tuple[str, int], int] = field(default_factory=dict)
+    prompt_token_ids: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, chunk: wire.TextChunk) -> None:
+        self.prompt_tokens[chunk.request_id] = chunk.num_prompt_tokens
+        self.cached_tokens[chunk.request_id] = max(chunk.num_cached_tokens,
+                                                   self.cached_tokens.get(chunk.request_id, 0))
+        self.output_tokens[(chunk.request_id, chunk.index)] = chunk.num_output_tokens
+        if chunk.prompt_token_ids is not None:
+            self.prompt_token_ids[chunk.request_id] = chunk.prompt_token_ids
+
+    def usage(self) -> dict[str, Any]:
+        prompt = sum(self.prompt_tokens.values())
+        completion = sum(self.output_tokens.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
+
+
+def choice_index(sub_ids: list[str], chunk: wire.TextChunk, n: int) -> int:
+    """Choices of prompt j are j*n .. j*n+n-1 (OpenAI's order for several prompts)."""
+    return sub_ids.index(chunk.request_id) * n + chunk.index if len(sub_ids) > 1 else chunk.index
+
+
+class SseWriter:
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                    "Cache-Control": "no-cache", "Connection": "keep-alive"})
+
+    async def start(self) -> None:
+        await self.response.prepare(self.request)
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        await self.response.write(f"data: {data}\n\n".encode())
+
+    async def error(self, exc: ApiError) -> None:
+        await self.send(exc.body())
+
+    async def done(self) -> web.StreamResponse:
+        await self.response.write(b"data: [DONE]\n\n")
+        await self.response.write_eof()
+        return self.response
+
+
+def now() -> int:
+    return int(time.time())
+
+
+async def peek_first(chunks: AsyncIterator[wire.TextChunk]) -> AsyncIterator[wire.TextChunk]:
+    """Wait for the first chunk before the response starts, so an early error (prompt too long,
+    bad token id) is still answered with its own status code instead of inside a 200 stream."""
+    first = await chunks.__anext__()
+
+    async def rest() -> AsyncIterator[wire.TextChunk]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return rest()

@@ -1,0 +1,108 @@
+"""POST /v1/completions: prompt as str, list of str, token ids or list of token id lists."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from fastdeploy.entrypoints import wire
+from fastdeploy.entrypoints.openai.http_app import WORKER_KEY, ApiWorker, read_json
+from fastdeploy.entrypoints.openai.protocol import ApiError, ParsedRequest, parse_completion
+from fastdeploy.entrypoints.openai.serving_common import ChunkSource, peek_first, ChoiceState, SseWriter, UsageTracker, choice_index, now
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    worker: ApiWorker = request.app[WORKER_KEY]
+    parsed = parse_completion(await read_json(request), worker.model)
+    async with worker.admit():
+        if parsed.beam_width:
+            from fastdeploy.entrypoints.openai.serving_beam import run_beam_search
+
+            result = await run_beam_search(worker, parsed, "cmpl")
+            return await (_stream(request, parsed, result) if parsed.stream else _complete(parsed, result))
+        async with worker.submit("cmpl", parsed) as sub:
+            if parsed.stream:
+                return await _stream(request, parsed, sub)
+            return await _complete(parsed, sub)
+
+
+def _completion_logprobs(entries: list[wire.LogprobEntry], offset: int = 0) -> dict[str, Any]:
+    offsets, pos = [], offset
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
+def _prompt_text(parsed: ParsedRequest, index: int, n: int) -> str:
+    prompt = parsed.prompts[index // n]
+    return prompt if isinstance(prompt, str) else ""
+
+
+async def _complete(parsed: ParsedRequest, sub: ChunkSource) -> web.Response:
+    n = parsed.params.n
+    choices = [ChoiceState() for _ in range(len(sub.request_ids) * n)]
+    usage = UsageTracker()
+    async for chunk in sub.chunks():
+        c = choices[choice_index(sub.request_ids, chunk, n)]
+        c.text.append(chunk.text)
+        c.reasoning.append(chunk.reasoning)
+        c.token_ids.extend(chunk.token_ids)
+        c.logprobs.extend(chunk.logprobs or [])
+        c.finish_reason = chunk.finish_reason or c.finish_reason
+        usage.add(chunk)
+    out = []
+    for i, c in enumerate(choices):
+        text = "".join(c.text)
+        if parsed.echo:
+            text = _prompt_text(parsed, i, n) + text
+        item: dict[str, Any] = {"index": i, "text": text,
+                                "logprobs": _completion_logprobs(c.logprobs) if parsed.logprobs else None,
+                                "finish_reason": c.finish_reason}
+        reasoning = "".join(c.reasoning)
+        if reasoning:
+            item["reasoning_content"] = reasoning
+        if parsed.return_token_ids:
+            item["prompt_token_ids"] = usage.prompt_token_ids.get(sub.request_ids[i // n])
+            item["completion_token_ids"] = c.token_ids
+        out.append(item)
+    body = {"id": sub.request_ids[0], "object": "text_completion", "created": now(), "model": parsed.model,
+            "choices": out, "usage": usage.usage()}
+    return web.json_response(body)
+
+
+async def _stream(request: web.Request, parsed: ParsedRequest, sub: ChunkSource) -> web.StreamResponse:
+    chunks = await peek_first(sub.chunks())
+    sse = SseWriter(request)
+    await sse.start()
+    rid, created, n = sub.request_ids[0], now(), parsed.params.n
+    usage = UsageTracker()
+    try:
+        async for chunk in chunks:
+            usage.add(chunk)
+            index = choice_index(sub.request_ids, chunk, n)
+            choice: dict[str, Any] = {"index": index, "text": chunk.text,
+                                      "logprobs": _completion_logprobs(chunk.logprobs or []) if parsed.logprobs
+                                      else None,
+                                      "finish_reason": chunk.finish_reason,
+                                      "arrival_time": round(time.time() - sub.arrival, 6)}
+            if chunk.reasoning:
+                choice["reasoning_content"] = chunk.reasoning
+            if parsed.return_token_ids:
+                choice["token_ids"] = chunk.token_ids
+                if chunk.prompt_token_ids is not None:
+                    choice["prompt_token_ids"] = chunk.prompt_token_ids
+            body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
+                                    "model": parsed.model, "choices": [choice]}
+            if parsed.continuous_usage:
+                body["usage"] = usage.usage()
+            await sse.send(body)
+    except ApiError as exc:
+        await sse.error(exc)
+        return await sse.done()
+    if parsed.include_usage:
+        await sse.send({"id": rid, "object": "text_completion", "created": created, "model": parsed.model,
+                        "choices": [], "usage": usage.usage()})
+    return await sse.done()

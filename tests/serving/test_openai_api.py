@@ -1,0 +1,254 @@
+"""The OpenAI-compatible API against a real server: seeds 001/004 examples, the openai SDK
+(sync, async, streaming), completions prompt forms, FastDeploy's extra fields, n > 1, stop
+strings, metrics, and 32 concurrent streams with one api worker."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import urllib.request
+
+import openai
+import pytest
+from stream_helpers import run_concurrent_streams
+
+SERVER_ARGS = ["--workers", "1"]
+
+
+def post(server, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def sse_events(server, path: str, body: dict) -> list[dict | str]:
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    events: list[dict | str] = []
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    for block in raw.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+# ---- seeds 001 and 004, as written (host and port changed) ------------------------------------
+def test_seed_curl_example(server):
+    out = subprocess.run(
+        ["curl", "-s", "-X", "POST", f"{server.url}/v1/chat/completions", "-H", "Content-Type: application/json",
+         "-d", '{\n"messages": [\n{"role": "user", "content": "Hello!"}\n]\n}'],
+        capture_output=True, text=True, timeout=300, check=True)
+    body = json.loads(out.stdout)
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] >= 1
+
+
+SEED_001 = '''
+import openai
+ip = "127.0.0.1"
+service_http_port = "{port}" # 服务配置的
+client = openai.Client(base_url=f"http://{{ip}}:{{service_http_port}}/v1", api_key="EMPTY_API_KEY")
+# 非流式对话
+response = client.chat.completions.create(
+model="default",
+messages=[
+{{"role": "system", "content": "You are a helpful AI assistant."}}, # system不是必需,可选
+{{"role": "user", "content": "List 3 countries and their capitals."}},
+],
+temperature=1,
+max_tokens=64,
+stream=False,
+)
+print(response)
+# 流式对话,历史多轮
+response = client.chat.completions.create(
+model="default",
+messages=[
+{{"role": "system", "content": "You are a helpful AI assistant."}}, # system不是必需,可选
+{{"role": "user", "content": "List 3 countries and their capitals."}},
+{{"role": "assistant", "content": "China(Beijing), France(Paris), Australia(Canberra)."}},
+{{"role": "user", "content": "OK, tell more."}},
+],
+temperature=1,
+max_tokens=64,
+stream=True,
+)
+for chunk in response:
+  if chunk.choices[0].delta is not None:
+    print(chunk.choices[0].delta, end='')
+print("\\n")
+'''
+
+SEED_004 = '''
+import openai
+host = "127.0.0.1"
+port = "{port}"
+client = openai.Client(base_url=f"http://{{host}}:{{port}}/v1", api_key="null")
+response = client.chat.completions.create(
+    model="null",
+    messages=[
+        {{"role": "system", "content": "I'm a helpful AI assistant."}},
+        {{"role": "user", "content": "把李白的静夜思改写为现代诗"}},
+    ],
+    stream=True,
+    max_tokens=48,
+)
+for chunk in response:
+    if chunk.choices[0].delta:
+        print(chunk.choices[0].delta.content, end='')
+print('\\n')
+'''
+
+
+@pytest.mark.parametrize("script", [SEED_001, SEED_004], ids=["seed001", "seed004"])
+def test_seed_python_examples(server, script):
+    # max_tokens is lowered from the seeds' 1024 / model limit only to keep the suite fast.
+    code = textwrap.dedent(script).format(port=server.port)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    if script is SEED_001:
+        assert "ChatCompletion(" in out.stdout and "ChoiceDelta(" in out.stdout
+
+
+# ---- the openai SDK ----------------------------------------------------------------------------
+def test_sdk_sync_chat_and_completion(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
+    chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Say hi"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content
+    assert chat.usage.completion_tokens == 8 or chat.choices[0].finish_reason == "stop"
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+    comp = client.completions.create(model="default", prompt="The capital of France is", max_tokens=4,
+                                     temperature=0)
+    assert comp.choices[0].text and comp.choices[0].finish_reason in ("stop", "length")
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["smollm2-135m-instruct"]
+
+
+def test_sdk_streaming_with_usage(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
+    stream = client.chat.completions.create(model="smollm2-135m-instruct",
+                                            messages=[{"role": "user", "content": "Count to five."}],
+                                            max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert text and finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens >= 1
+    assert usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_sdk_async(server):
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
+        calls = [client.chat.completions.create(model="null", messages=[{"role": "user", "content": f"Number {i}"}],
+                                                max_tokens=6, temperature=0) for i in range(4)]
+        results = await asyncio.gather(*calls)
+        await client.close()
+        return [r.choices[0].message.content for r in results]
+
+    texts = asyncio.run(run())
+    assert len(texts) == 4 and all(texts)
+
+
+# ---- FastDeploy fields and request forms -------------------------------------------------------
+def test_stream_chunks_carry_fastdeploy_fields(server):
+    events = sse_events(server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True, "temperature": 0,
+        "return_token_ids": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    token_ids = [t for c in chunks for t in c["choices"][0]["delta"].get("token_ids", [])]
+    assert all("arrival_time" in c["choices"][0] for c in chunks)
+    usage = events[-2]["usage"]
+    assert usage["completion_tokens"] == len(token_ids) == 5
+    assert "cached_tokens" in usage["prompt_tokens_details"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_completion_prompt_forms_and_token_ids(server):
+    status, text_resp = post(server, "/v1/completions", {"prompt": "Hello world", "max_tokens": 3,
+                                                         "temperature": 0, "return_token_ids": True})
+    assert status == 200
+    ids = text_resp["choices"][0]["prompt_token_ids"]
+    status, ids_resp = post(server, "/v1/completions", {"prompt": ids, "max_tokens": 3, "temperature": 0})
+    assert status == 200 and ids_resp["choices"][0]["text"] == text_resp["choices"][0]["text"]
+    status, many = post(server, "/v1/completions", {"prompt": ["One", "Two", [ids[0]]], "max_tokens": 2, "n": 2})
+    assert status == 200 and [c["index"] for c in many["choices"]] == list(range(6))
+    assert many["usage"]["completion_tokens"] == sum(2 for c in many["choices"] if c["finish_reason"] == "length") \
+        or many["usage"]["completion_tokens"] <= 12
+
+
+def test_n_choices_and_prefix_cache(server):
+    body = {"messages": [{"role": "user", "content": "Write a word." * 40}], "max_tokens": 4, "n": 3, "seed": 7}
+    status, first = post(server, "/v1/chat/completions", body)
+    assert status == 200 and len(first["choices"]) == 3
+    assert first["usage"]["completion_tokens"] <= 12
+    status, second = post(server, "/v1/chat/completions", body)
+    assert status == 200
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_stop_string_cuts_output(server):
+    status, free = post(server, "/v1/completions", {"prompt": "1, 2, 3, 4,", "max_tokens": 12, "temperature": 0})
+    text = free["choices"][0]["text"]
+    assert status == 200 and len(text) > 4
+    stop = text[3:5]
+    status, cut = post(server, "/v1/completions", {"prompt": "1, 2, 3, 4,", "max_tokens": 12, "temperature": 0,
+                                                   "stop": [stop]})
+    assert status == 200
+    assert cut["choices"][0]["text"] == text[:text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    events = sse_events(server, "/v1/completions", {"prompt": "1, 2, 3, 4,", "max_tokens": 12, "temperature": 0,
+                                                    "stop": [stop], "stream": True, "include_stop_str_in_output": True})
+    streamed = "".join(e["choices"][0]["text"] for e in events[:-1])
+    assert streamed == text[:text.index(stop) + len(stop)]
+
+
+def test_logprobs(server):
+    status, body = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                         "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
+    assert status == 200
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    assert all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 for c in content)
+
+
+def test_health_ping_metrics(server):
+    with urllib.request.urlopen(server.url + "/health", timeout=30) as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(server.url + "/ping", timeout=30) as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    for name in ("fastdeploy:num_requests_running", "fastdeploy:num_requests_waiting",
+                 "fastdeploy:gpu_cache_usage_perc", "fastdeploy:time_to_first_token_seconds_bucket",
+                 "fastdeploy:time_per_output_token_seconds_bucket", "fastdeploy:e2e_request_latency_seconds_bucket",
+                 "fastdeploy:request_prompt_tokens_bucket", "fastdeploy:request_generation_tokens_bucket",
+                 "fastdeploy:prompt_tokens_total", "fastdeploy:generation_tokens_total",
+                 "fastdeploy:request_success_total", "fastdeploy:hit_token_rate"):
+        assert name in text, name
+
+
+def test_32_concurrent_streams_one_worker(server):
+    run_concurrent_streams(server.url)
