@@ -72,6 +72,9 @@ class EngineConfig:
             raise ValueError("--enable-mm: the served model is text-only; multimodal input is not supported")
         if self.scheduler_config.scheduler_name != "local":
             raise ValueError(f"--scheduler-name {self.scheduler_config.scheduler_name!r}: only 'local' is supported")
+        if self.model_config.dtype not in ("float32", "fp32", "auto"):
+            raise ValueError(f"--dtype {self.model_config.dtype!r}: compute is float32 on this build; "
+                             "use --quantization bf16 or wint8 for lower-precision weights")
         if self.model_config.quantization not in (None, "none", "bf16", "wint8"):
             raise ValueError(f"--quantization {self.model_config.quantization!r}: choose none, bf16 or wint8")
         cc = self.cache_config
