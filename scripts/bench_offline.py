@@ -1,6 +1,6 @@
 """Offline throughput: fastdeploy LLM.generate vs HF transformers fp32, same prompts, same run.
 
-    .venv/bin/python scripts/bench_offline.py [--num-prompts 64] [--max-tokens 128]
+    .venv/bin/python scripts/bench_offline.py [--num-prompts 64] [--max-tokens 128] [--quantization wint8]
 
 Both generate exactly --max-tokens tokens per prompt (EOS ignored) greedily. The HF peer runs in
 .venv-ref (torch CPU; `make golden` creates it); without it only our figure is printed.
@@ -23,10 +23,11 @@ from bench_prompts import chat_prompts  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_ours(num_prompts: int, max_tokens: int) -> dict[str, float]:
+def run_ours(num_prompts: int, max_tokens: int, quantization: str | None) -> dict[str, float]:
     from fastdeploy import LLM, SamplingParams
 
-    llm = LLM(model="smollm2-135m-instruct", max_model_len=2048, max_num_seqs=num_prompts)
+    llm = LLM(model="smollm2-135m-instruct", max_model_len=2048, max_num_seqs=num_prompts,
+              quantization=quantization)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.chat(chat_prompts(2), params, use_tqdm=False)  # warm-up outside the timed region
     start = time.perf_counter()
@@ -52,12 +53,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--quantization", default=None, choices=["none", "bf16", "wint8"])
     ap.add_argument("--hf-python", type=Path, default=ROOT / ".venv-ref" / "bin" / "python")
     args = ap.parse_args()
-    ours = run_ours(args.num_prompts, args.max_tokens)
+    ours = run_ours(args.num_prompts, args.max_tokens, args.quantization)
     hf = run_hf(args.hf_python, args.num_prompts, args.max_tokens)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print(f"fastdeploy LLM.generate: {ours['output_tokens']} tokens in {ours['seconds']:.1f} s = "
+    print(f"fastdeploy LLM.generate ({args.quantization or 'fp32'}): {ours['output_tokens']} tokens in {ours['seconds']:.1f} s = "
           f"{ours['tokens_per_s']:.1f} tok/s")
     if hf:
         print(f"HF transformers fp32:    {hf['output_tokens']} tokens in {hf['seconds']:.1f} s = "
