@@ -4,6 +4,8 @@
 //     v = x + residual (just x when residual is empty); out = v / sqrt(mean(v^2) + eps) * weight;
 //     residual_out = v (left empty when there is no residual: the caller already holds x).
 //   fd_silu_mul(x [M, 2I]) -> [M, I]:   silu(x[:, :I]) * x[:, I:]   (the fused gate|up output)
+//   fd_rms_norm_linear(x, weight, residual, packed_w, bias) -> (y, residual_out): fd_rms_norm, then
+//     fd_linear (linear.cc) on its output, in one op.
 //
 // Each replaces four to six Paddle ops (and as many passes over the activations and Python-level
 // dispatches) with one: at decode a layer is two norms and one SiLU gate, and Paddle's per-op
@@ -20,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "linear.h"
 #include "paddle/extension.h"
 
 namespace {
@@ -114,8 +117,8 @@ void SiluMulRow(const float* gate, const float* up, int64_t n, float* out) {
 }
 #endif
 
-std::vector<paddle::Tensor> RmsNormKernel(const paddle::Tensor& x, const paddle::Tensor& weight,
-                                          const paddle::Tensor& residual, float eps, int num_threads) {
+std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                    const paddle::Tensor& residual, float eps, int num_threads) {
   PD_CHECK(x.is_cpu() && weight.is_cpu() && residual.is_cpu(), "fd_rms_norm inputs must be CPU tensors");
   PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && weight.dtype() == paddle::DataType::FLOAT32 &&
                residual.dtype() == paddle::DataType::FLOAT32,
@@ -145,6 +148,35 @@ std::vector<paddle::Tensor> RmsNormKernel(const paddle::Tensor& x, const paddle:
                rop != nullptr ? rop + row * h : nullptr);
   }
   return {out, res_out};
+}
+
+std::vector<paddle::Tensor> RmsNormKernel(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                          const paddle::Tensor& residual, float eps, int num_threads) {
+  return RmsNorm(x, weight, residual, eps, num_threads);
+}
+
+// The normalized rows go straight into the linear layer; only (y, residual_out) leave the op.
+std::vector<paddle::Tensor> RmsNormLinearKernel(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                                const paddle::Tensor& residual, const paddle::Tensor& packed_w,
+                                                const paddle::Tensor& bias, float eps, int64_t n, int format,
+                                                int group, int bf16_dot_min_rows, int vnni, int num_threads) {
+  std::vector<paddle::Tensor> normed = RmsNorm(x, weight, residual, eps, num_threads);
+  paddle::Tensor y =
+      fd_linear::Forward(normed[0], packed_w, bias, {n, format, group, bf16_dot_min_rows, vnni, num_threads});
+  return {y, normed[1]};
+}
+
+std::vector<std::vector<int64_t>> RmsNormLinearInferShape(
+    const std::vector<int64_t>& x_shape, const std::vector<int64_t>&, const std::vector<int64_t>& residual_shape,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const float&, const int64_t& n, const int&,
+    const int&, const int&, const int&, const int&) {
+  return {{x_shape.empty() ? 0 : x_shape[0], n}, residual_shape};
+}
+
+std::vector<paddle::DataType> RmsNormLinearInferDtype(const paddle::DataType&, const paddle::DataType&,
+                                                      const paddle::DataType&, const paddle::DataType&,
+                                                      const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32, paddle::DataType::FLOAT32};
 }
 
 std::vector<std::vector<int64_t>> RmsNormInferShape(const std::vector<int64_t>& x_shape,
@@ -198,3 +230,12 @@ PD_BUILD_OP(fd_silu_mul)
     .SetKernelFn(PD_KERNEL(SiluMulKernel))
     .SetInferShapeFn(PD_INFER_SHAPE(SiluMulInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(SiluMulInferDtype));
+
+PD_BUILD_OP(fd_rms_norm_linear)
+    .Inputs({"X", "Weight", "Residual", "PackedW", "Bias"})
+    .Outputs({"Out", "ResidualOut"})
+    .Attrs({"eps: float", "n: int64_t", "format: int", "group: int", "bf16_dot_min_rows: int", "vnni: int",
+            "num_threads: int"})
+    .SetKernelFn(PD_KERNEL(RmsNormLinearKernel))
+    .SetInferShapeFn(PD_INFER_SHAPE(RmsNormLinearInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(RmsNormLinearInferDtype));

@@ -3,15 +3,18 @@
 Shapes are SmolLM2-135M's (fused qkv 576->960, o 576->576, fused gate_up 576->3072, down
 1536->576, lm_head 576->49152), at M = 1, 8, 32, 64, 256, 1024 rows. For each case it prints
 milliseconds per call (median), GFLOP/s (2*M*K*N / time) and GB/s of weight data read (the packed
-bytes of the mode; activations are small next to them at small M). A last table sums one decode
-step of the whole model (30 layers + lm_head) per mode.
+bytes of the mode; activations are small next to them at small M). A layer's weights are reused
+call after call there, so the smaller ones are served from the L3 cache. The last table is the
+honest decode figure: all linear layers of one model step (30 distinct layers' weights, as in the
+model, so they stream from DRAM, then the lm_head), per mode and M.
 
     .venv/bin/python scripts/bench_linear.py [--rows 1,8,32] [--shapes qkv,down] [--min-time 0.2]
     .venv/bin/python scripts/bench_linear.py --accuracy   # error of each mode vs fp32 on the real model
 
---accuracy loads the default GGUF model (Q4_1, dequantized to fp32) and reports, per mode and
-int8 group size, the max abs / max relative error of every layer's output against fp32 on random
-activations, plus the int8 weight error relative to a Q4 step.
+--accuracy loads the default GGUF model (Q4_1 layers, Q8_0 embedding, dequantized to fp32) and
+reports, per mode, wint8 group size and activation path (fp32; bf16-rounded for vdpbf16ps;
+16-bit for VNNI), the max abs error / max abs error relative to max |y| of the outputs of the
+first and last layers' weights and the lm_head against fp32, on random activations (64 rows).
 """
 from __future__ import annotations
 
@@ -60,7 +63,6 @@ def bench(rows: list[int], shapes: list[str], min_time: float) -> None:
     print(header)
     print(f"{'':>8} {'':>5} | {'ms':>7} {'GF/s':>6} {'GB/s':>7} | "
           + " | ".join(f"{'ms':>7} {'GF/s':>6} {'GB/s':>5} {'x':>5}" for _ in MODES))
-    step_ms: dict[tuple[str, int], float] = {}
     for name in shapes:
         k, n = SHAPES[name]
         w = (rng.standard_normal((n, k), dtype=np.float32) * 0.05)
@@ -70,19 +72,47 @@ def bench(rows: list[int], shapes: list[str], min_time: float) -> None:
             x = paddle.to_tensor(rng.standard_normal((m, k), dtype=np.float32))
             flop = 2.0 * m * n * k
             base = time_call(lambda: paddle.matmul(x, w_ref), min_time)
-            step_ms[("paddle", m)] = step_ms.get(("paddle", m), 0.0) + base * 1e3 * PER_STEP[name]
             cells = [f"{base * 1e3:7.3f} {flop / base / 1e9:6.1f} {k * n * 4 / base / 1e9:7.1f}"]
             for mode, layer in layers.items():
                 t = time_call(lambda: layer(x), min_time)
-                step_ms[(mode, m)] = step_ms.get((mode, m), 0.0) + t * 1e3 * PER_STEP[name]
                 cells.append(f"{t * 1e3:7.3f} {flop / t / 1e9:6.1f} {layer.weight_bytes / t / 1e9:5.1f} "
                              f"{base / t:5.1f}")
             print(f"{name:>8} {m:>5} | " + " | ".join(cells), flush=True)
-    if set(shapes) == set(SHAPES):
-        print("\nOne model step (30 layers x qkv/o/gate_up/down + lm_head), ms:")
-        print(f"{'M':>5} " + " ".join(f"{m:>10}" for m in ("paddle", *MODES)))
-        for m in rows:
-            print(f"{m:>5} " + " ".join(f"{step_ms[(mode, m)]:10.2f}" for mode in ("paddle", *MODES)))
+
+
+def model_step(rows: list[int], min_time: float) -> None:
+    """All linear layers of one model step, each layer with its own weights (135M parameters)."""
+    rng = np.random.default_rng(1)
+    layer_shapes = [SHAPES[name] for name in ("qkv", "o", "gate_up", "down")]
+    print("\nOne model step: 30 layers x (qkv, o, gate_up, down) with distinct weights + lm_head, ms:")
+    print(f"{'M':>5} " + " ".join(f"{m:>10}" for m in ("paddle", *MODES)) + "   (weights: MB per step)")
+    results: dict[str, dict[int, float]] = {}
+    sizes: dict[str, float] = {}
+    for mode in ("paddle", *MODES):
+        def make(k: int, n: int) -> Callable[[paddle.Tensor], paddle.Tensor]:
+            w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.05)
+            if mode == "paddle":
+                t = paddle.to_tensor(np.ascontiguousarray(w.T))
+                return lambda x: paddle.matmul(x, t)
+            return L.LinearWeight(w, None, mode)
+        layers = [make(k, n) for _ in range(PER_STEP["qkv"]) for k, n in layer_shapes]
+        layers.append(make(*SHAPES["lm_head"]))
+        sizes[mode] = sum(getattr(lw, "weight_bytes", 0) for lw in layers) / 1e6
+        inputs = {m: {k: paddle.to_tensor(rng.standard_normal((m, k), dtype=np.float32)) for k in (576, 1536)}
+                  for m in rows}
+
+        def step(m: int) -> paddle.Tensor:
+            xs = inputs[m]
+            y = None
+            for lw, (k, _) in zip(layers, [*layer_shapes * PER_STEP["qkv"], SHAPES["lm_head"]]):
+                y = lw(xs[k])
+            return y
+
+        results[mode] = {m: time_call(lambda m=m: step(m), min_time * 4) * 1e3 for m in rows}
+        del layers
+    for m in rows:
+        print(f"{m:>5} " + " ".join(f"{results[mode][m]:10.2f}" for mode in ("paddle", *MODES)))
+    print(f"{'MB':>5} {134.5 * 4:10.0f} " + " ".join(f"{sizes[mode]:10.0f}" for mode in MODES))
 
 
 def accuracy() -> None:
@@ -94,19 +124,25 @@ def accuracy() -> None:
     names = [n for n in sorted(weights) if n.endswith("proj.weight") and ".layers.0." in n]
     names += [n for n in sorted(weights) if n.endswith("proj.weight") and ".layers.29." in n]
     names.append("model.embed_tokens.weight")
-    configs = [("bf16", 64, 0), ("bf16", 64, 1), ("wint8", 32, 0), ("wint8", 64, 0), ("wint8", 64, 1)]
-    print(f"{'weight':>42} " + " ".join(f"{f'{q}/g{g}/' + ('dot' if d else 'fp32'):>24}" for q, g, d in configs))
+    configs = [  # (label, quant, LinearWeight options)
+        ("bf16/fp32-act", "bf16", dict(bf16_dot_min_rows=0)),
+        ("bf16/bf16-act", "bf16", dict(bf16_dot_min_rows=1)),
+        ("wint8-g32/vnni", "wint8", dict(group_size=32)),
+        ("wint8-g32/fp32-act", "wint8", dict(group_size=32, vnni=False, bf16_dot_min_rows=0)),
+        ("wint8-g32/bf16-act", "wint8", dict(group_size=32, vnni=False, bf16_dot_min_rows=1)),
+        ("wint8-g64/vnni", "wint8", dict(group_size=64)),
+    ]
+    print(f"{'weight':>42} " + " ".join(f"{label:>20}" for label, _, _ in configs))
     for name in names:
         w = weights[name].astype(np.float32)
         x = paddle.to_tensor(rng.standard_normal((64, w.shape[1]), dtype=np.float32))
         exact = paddle.matmul(x, paddle.to_tensor(np.ascontiguousarray(w.T))).numpy()
         cells = []
-        for quant, group, dot in configs:
-            layer = L.LinearWeight(w, None, quant, group_size=group, bf16_dot_min_rows=1 if dot else 0)
-            y = layer(x).numpy()
+        for _, quant, opts in configs:
+            y = L.LinearWeight(w, None, quant, **opts)(x).numpy()
             err = np.abs(y - exact)
-            cells.append(f"{err.max():.2e}/{err.max() / np.abs(exact).max():.2e}")
-        print(f"{name:>42} " + " ".join(f"{c:>24}" for c in cells), flush=True)
+            cells.append(f"{err.max():.1e}/{err.max() / np.abs(exact).max():.1e}")
+        print(f"{name:>42} " + " ".join(f"{c:>20}" for c in cells), flush=True)
 
 
 def main() -> None:
@@ -115,11 +151,15 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--min-time", type=float, default=0.25, help="seconds of timing per case")
     parser.add_argument("--accuracy", action="store_true", help="error per mode on the real model instead")
+    parser.add_argument("--skip-step", action="store_true", help="skip the whole-model-step table")
     args = parser.parse_args()
     if args.accuracy:
         accuracy()
         return
-    bench([int(r) for r in args.rows.split(",")], args.shapes.split(","), args.min_time)
+    rows = [int(r) for r in args.rows.split(",")]
+    bench(rows, args.shapes.split(","), args.min_time)
+    if not args.skip_step:
+        model_step([m for m in rows if m <= 256], args.min_time)
 
 
 if __name__ == "__main__":

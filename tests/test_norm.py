@@ -50,6 +50,10 @@ def test_rms_norm(native, rows, hidden, with_residual):
     x = data((rows, hidden), 1, 3.0)
     w = data((hidden,), 2)
     res = data((rows, hidden), 3) if with_residual else None
+    # A row of tiny values, where eps is a large part of the mean square (a missing eps shows).
+    x[0] *= 1e-3
+    if res is not None:
+        res[0] *= 1e-3
     want_out, want_sum = rms_numpy(x, w, res)
     for impl in (N.rms_norm, N.reference_rms_norm):
         out, summed = impl(paddle.to_tensor(x), paddle.to_tensor(w), EPS,
@@ -83,3 +87,37 @@ def test_silu_mul(native, rows, inter):
 def test_silu_mul_keeps_leading_dims(native):
     x = paddle.to_tensor(data((2, 3, 8), 7))
     assert list(N.silu_mul(x).shape) == [2, 3, 4]
+
+
+@pytest.mark.parametrize("quant", L.QUANT_MODES)
+@pytest.mark.parametrize("rows", [1, 20])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_linear_equals_norm_then_linear(native, quant, rows, with_residual):
+    hidden, out = 576, 100
+    x = data((rows, hidden), 8)
+    w = data((hidden,), 9)
+    res = data((rows, hidden), 10) if with_residual else None
+    weight = data((out, hidden), 11, 0.05)
+    bias = data((out,), 12)
+    layer = L.LinearWeight(weight, bias, quant, backend=L.NATIVE)
+    xt, wt = paddle.to_tensor(x), paddle.to_tensor(w)
+    rt = paddle.to_tensor(res) if res is not None else None
+    y, summed = N.rms_norm_linear(xt, wt, EPS, layer, rt)
+    h, want_sum = N.rms_norm(xt, wt, EPS, rt)
+    want_y = layer(h)
+    assert list(y.shape) == [rows, out]
+    # The same two kernels on the same data, so the same bits.
+    np.testing.assert_array_equal(y.numpy(), want_y.numpy())
+    np.testing.assert_array_equal(summed.numpy(), want_sum.numpy())
+    if res is None:
+        assert summed is xt
+
+
+def test_rms_norm_linear_on_the_reference_backend():
+    x = paddle.to_tensor(data((3, 64), 13))
+    w = paddle.to_tensor(data((64,), 14))
+    layer = L.LinearWeight(data((10, 64), 15), None, "bf16", backend=L.REFERENCE)
+    y, summed = N.rms_norm_linear(x, w, EPS, layer, x)
+    h, want_sum = N.reference_rms_norm(x, w, EPS, x)
+    np.testing.assert_allclose(y.numpy(), layer(h).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(summed.numpy(), want_sum.numpy())

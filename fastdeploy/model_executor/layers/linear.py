@@ -18,10 +18,15 @@ Quantization (the same values on both backends, so they differ only by summation
 Backends (``FASTDEPLOY_LINEAR_BACKEND`` = ``native`` | ``reference``; unset = native when the C++
 extension builds and the CPU has AVX-512, else the reference with one warning):
 
-- native: ``native/linear.cc`` (``fd_linear``), weights pre-packed into 32-column panels. With few
-  rows (decode) it streams the weights once with fp32 activations; from ``bf16_dot_min_rows`` rows
-  on, bf16 and 8-bit weights multiply bf16-rounded activations with AVX512-BF16 (``vdpbf16ps``),
-  which is twice as fast as fp32 once the GEMM is compute-bound.
+- native: ``native/linear.cc`` (``fd_linear``), weights pre-packed into 32-column panels.
+  wint8 weights multiply 16-bit fixed-point activations (one step per row and group, so at most
+  1/65278 of the group's largest activation off) with AVX512-VNNI (``vpdpbusd``) at every M:
+  exact integer sums, the multiply rate of bf16, about fp32's accuracy. fp32 and bf16 weights (and
+  wint8 without VNNI, or with ``vnni=False``) stream the weights with fp32 activations at few
+  rows; from ``bf16_dot_min_rows`` rows on, bf16 and 8-bit weights multiply bf16-rounded
+  activations with AVX512-BF16 (``vdpbf16ps``), twice as fast as fp32 once the GEMM is
+  compute-bound, but only as exact as bf16 (max logit error ~0.9 on SmolLM2, against ~0.0002 for
+  wint8 through VNNI).
 - reference: plain Paddle on any device: dequantize to fp32 and ``paddle.matmul``.
 
 ``FASTDEPLOY_REQUIRE_NATIVE=1`` turns a failed native build into an error instead of a fallback.
@@ -67,6 +72,8 @@ DEFAULT_BF16_DOT_MIN_ROWS = 16
 GEMM is compute-bound, and vdpbf16ps multiplies twice as fast as fp32 FMA."""
 
 _FORMAT_CODE = {"none": 0, "bf16": 1, "wint8": 2}
+VNNI_GROUPS = (16, 32, 64, 128)
+"""wint8 group sizes the VNNI kernel is compiled for (VnniGroupOk in native/linear.cc)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,10 +90,11 @@ def native_ops() -> ModuleType:
 
 
 @functools.cache
-def native_caps() -> tuple[bool, bool]:
-    """(AVX-512 kernels available, vdpbf16ps available); raises NativeBuildError if no build."""
+def native_caps() -> tuple[bool, bool, bool]:
+    """(AVX-512 kernels, vdpbf16ps kernels, vpdpbusd kernels) available; raises NativeBuildError if
+    the extension cannot be built."""
     caps = native_ops().fd_linear_caps(paddle.zeros([1], dtype="float32")).numpy()
-    return bool(caps[0]), bool(caps[1])
+    return bool(caps[0]), bool(caps[1]), bool(caps[2])
 
 
 MALLOC_TUNING_ENV = "FASTDEPLOY_MALLOC_TUNING"
@@ -123,7 +131,7 @@ def linear_backend_name() -> str:
     if not requested and not paddle.get_device().startswith("cpu"):
         return REFERENCE  # the native kernels are CPU kernels; device tensors take the reference path
     try:
-        avx512, _ = native_caps()
+        avx512 = native_caps()[0]
         if not avx512:
             raise NativeBuildError("the extension was built without AVX-512 (this CPU lacks it)")
     except NativeBuildError as exc:
@@ -198,9 +206,9 @@ def dequantize_uint8(u: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np
 
 
 def pick_group_size(k: int, preferred: int = DEFAULT_GROUP_SIZE) -> int:
-    """The preferred group if it divides K, else the largest even one that does (the kernel reads
-    k-pairs), else K itself (one scale per output channel; reference path only when K is odd)."""
-    for size in (preferred, 64, 32, 16, 8, 4, 2):
+    """The preferred group if it divides K, else the largest multiple of 4 that does (the kernels
+    read k-quads), else K itself (one scale per output channel; reference backend only)."""
+    for size in (preferred, 64, 32, 16, 8, 4):
         if size <= k and k % size == 0:
             return size
     return k
@@ -233,13 +241,15 @@ def pack_bf16(bits_out_in: np.ndarray) -> np.ndarray:
 
 
 def pack_uint8(u_out_in: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
-    """Per panel and group along K: uint8 [G][32], float32 scale[32], float32 zero[32]."""
+    """Per panel and group along K: uint8 [G/4][32][4] (k-quads side by side, as vpdpbusd reads
+    them), float32 scale[32], float32 zero[32]."""
     n, k = u_out_in.shape
     groups = scales.shape[1]
     u_panels, num_panels = _panels(u_out_in.T)                  # [P, K, 32] uint8
     s_panels, _ = _panels(np.ascontiguousarray(scales.T))       # [P, groups, 32] float32
     z_panels, _ = _panels(np.ascontiguousarray(zeros.T))
-    parts = [u_panels.reshape(num_panels, groups, (k // groups) * PANEL),
+    quads = u_panels.reshape(num_panels, groups, k // groups // 4, 4, PANEL).transpose(0, 1, 2, 4, 3)
+    parts = [np.ascontiguousarray(quads).reshape(num_panels, groups, (k // groups) * PANEL),
              s_panels.reshape(num_panels, groups, PANEL).view(np.uint8),
              z_panels.reshape(num_panels, groups, PANEL).view(np.uint8)]
     return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(-1)
@@ -253,13 +263,14 @@ class LinearWeight:
 
     ``w_out_in`` is float32 in Hugging Face layout ``[out, in]``. ``backend`` overrides
     :func:`linear_backend_name` for this weight (tests build one of each); ``group_size`` is the
-    wint8 group along K; ``bf16_dot_min_rows`` (0 = never) is where bf16/8-bit weights switch
-    to bf16 activations on the native backend.
+    wint8 group along K; ``vnni`` lets wint8 use the 16-bit-activation VNNI kernel (where the CPU
+    has it and the group is one of VNNI_GROUPS); ``bf16_dot_min_rows`` (0 = never) is where the other
+    bf16/8-bit paths switch to bf16 activations on the native backend.
     """
 
     def __init__(self, w_out_in: np.ndarray, bias: np.ndarray | None = None, quant: str = "none", *,
                  backend: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
-                 bf16_dot_min_rows: int = DEFAULT_BF16_DOT_MIN_ROWS) -> None:
+                 bf16_dot_min_rows: int = DEFAULT_BF16_DOT_MIN_ROWS, vnni: bool = True) -> None:
         if quant not in QUANT_MODES:
             raise ValueError(f"quant={quant!r}: expected one of {QUANT_MODES}")
         w = np.asarray(w_out_in, dtype=np.float32)
@@ -270,6 +281,7 @@ class LinearWeight:
         self._format = _FORMAT_CODE[quant]
         self.group_size = pick_group_size(self.in_features, group_size) if quant == "wint8" else 0
         self.bf16_dot_min_rows = int(bf16_dot_min_rows)
+        self.vnni_requested = bool(vnni)
         if bias is not None:
             bias = np.asarray(bias, dtype=np.float32).reshape(-1)
             if bias.shape[0] != self.out_features:
@@ -299,7 +311,7 @@ class LinearWeight:
         if self.quant == "bf16":
             return k % 2 == 0
         if self.quant == "wint8":
-            return self.group_size % 2 == 0 and k % self.group_size == 0
+            return self.group_size % 4 == 0 and k % self.group_size == 0
         return True
 
     def _init_native(self, w: np.ndarray) -> None:
@@ -312,7 +324,9 @@ class LinearWeight:
         self._packed = paddle.to_tensor(packed)
         # The op always takes a bias tensor: an optional input costs ~10 us more per call in Paddle.
         self._bias_arg = self._bias if self._bias is not None else paddle.zeros([0], dtype="float32")
-        self._dot_rows = self.bf16_dot_min_rows if native_caps()[1] else 0
+        _, has_bf16_dot, has_vnni = native_caps()
+        self._dot_rows = self.bf16_dot_min_rows if has_bf16_dot else 0
+        self._vnni = int(self.vnni_requested and has_vnni and self.quant == "wint8" and self.group_size in VNNI_GROUPS)
         self._threads = _num_threads()
         self._op = native_ops().fd_linear  # looked up once: load_extension takes a lock
 
@@ -339,11 +353,21 @@ class LinearWeight:
         # ~0.5 us in Paddle); the op itself rejects anything but a float32 CPU tensor.
         if x.ndim == 2:
             return self._op(x, self._packed, self._bias_arg, self.out_features, self._format, self.group_size,
-                            self._dot_rows, self._threads)
+                            self._dot_rows, self._vnni, self._threads)
         lead = list(x.shape[:-1])
         y = self._op(x.reshape([-1, self.in_features]), self._packed, self._bias_arg, self.out_features,
-                     self._format, self.group_size, self._dot_rows, self._threads)
+                     self._format, self.group_size, self._dot_rows, self._vnni, self._threads)
         return y.reshape([*lead, self.out_features])
+
+    @property
+    def native_args(self) -> tuple | None:
+        """``(packed, bias, n, format, group, bf16_dot_min_rows, vnni, threads)``, the arguments after ``x``
+        of the native ops that run this layer (norm.rms_norm_linear fuses one in), or None when this
+        weight is on the reference backend."""
+        if self._packed is None:
+            return None
+        return (self._packed, self._bias_arg, self.out_features, self._format, self.group_size, self._dot_rows,
+                self._vnni, self._threads)
 
     def dequantized_weight(self) -> paddle.Tensor:
         """The fp32 ``[in, out]`` matrix this layer multiplies with (reference backend only)."""
@@ -362,6 +386,11 @@ class LinearWeight:
         """Plain Paddle: dequantize to fp32, matmul, add the bias."""
         y = paddle.matmul(x, self.dequantized_weight())
         return y + self._bias if self._bias is not None else y
+
+    @property
+    def uses_vnni(self) -> bool:
+        """Whether calls run the 16-bit-activation VNNI kernel (wint8 on the native backend)."""
+        return self._packed is not None and bool(self._vnni)
 
     @property
     def weight_bytes(self) -> int:

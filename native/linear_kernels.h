@@ -1,0 +1,468 @@
+// AVX-512 micro-kernels of fd_linear (linear.cc): y tiles of up to 12 rows x one 32-column panel
+// of packed weights (layouts in linear.cc), plus the conversions they need (8-bit and bf16
+// dequantization, bf16 rounding, 16-bit activation quantization). Each Tile* function leaves the
+// tile's accumulators in registers for StoreTile. Only for builds targeting AVX-512F.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace fd_linear {
+
+constexpr int kPanel = 32;   // output columns per packed panel (two zmm of fp32)
+constexpr int kMaxRows = 12;  // rows per micro-tile: 24 accumulators + operands fit in 32 zmm
+// Rows per TileU8Vnni tile: its hi and lo sums of 2 column blocks plus the fp32 tile take 6 zmm
+// per row.
+constexpr int kMaxVnniRows = 4;
+
+// With few rows there are too few independent accumulators to hide the FMA latency (4 cycles,
+// 2 pipes), so small tiles keep a second set for odd k and add the two at the end.
+template <int MR>
+constexpr bool kSplitK = MR <= 4;
+
+template <int MR>
+inline void ZeroTile(__m512 (&acc)[MR][2]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = _mm512_setzero_ps();
+    acc[r][1] = _mm512_setzero_ps();
+  }
+}
+
+template <int MR>
+inline void AddTile(__m512 (&acc)[MR][2], const __m512 (&other)[MR][2]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = _mm512_add_ps(acc[r][0], other[r][0]);
+    acc[r][1] = _mm512_add_ps(acc[r][1], other[r][1]);
+  }
+}
+
+// acc[r] += x[r] * (b0 | b1) for one k.
+template <int MR>
+inline void FmaRow(__m512 (&acc)[MR][2], const float* a, int64_t lda, int64_t k, __m512 b0, __m512 b1) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+    acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+    acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+  }
+}
+
+// Writes the tile to c (row stride ldc), adding the bias (per column, may be null) and, when
+// `accumulate`, what c already holds (the partial sum of earlier K blocks). Masks cover a last
+// panel narrower than 32 columns. `stream` (full, 64-byte aligned panels only) writes around the
+// caches: see Problem::stream_output.
+template <int MR>
+inline void StoreTile(const __m512 (&acc)[MR][2], float* c, int64_t ldc, const float* bias, __mmask16 m0,
+                      __mmask16 m1, bool accumulate, bool stream) {
+  __m512 bias0 = _mm512_setzero_ps();
+  __m512 bias1 = _mm512_setzero_ps();
+  if (bias != nullptr) {
+    bias0 = _mm512_maskz_loadu_ps(m0, bias);
+    bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    float* row = c + r * ldc;
+    __m512 v0 = _mm512_add_ps(acc[r][0], bias0);
+    __m512 v1 = _mm512_add_ps(acc[r][1], bias1);
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row + 16));
+    }
+    if (stream) {
+      _mm512_stream_ps(row, v0);
+      _mm512_stream_ps(row + 16, v1);
+    } else {
+      _mm512_mask_storeu_ps(row, m0, v0);
+      _mm512_mask_storeu_ps(row + 16, m1, v1);
+    }
+  }
+}
+
+// Software prefetch of the next panel slice, a few lines per k step of the current one. The
+// hardware prefetchers stop at 4 KB page boundaries and a slice spans 6 to 50 of them; without this,
+// a kernel that dequantizes a panel, or a tile that starts on a new one, stalls on DRAM latency.
+struct Prefetcher {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  inline void Step(int lines) {
+    for (int i = 0; i < lines && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T0);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// fp32 activations x fp32 panel [kc][32] (packed weights, or a panel dequantized into a buffer).
+
+template <int MR>
+inline void TileF32(const float* a, int64_t lda, const float* b, int64_t kc, Prefetcher& pf,
+                    __m512 (&acc)[MR][2]) {
+  ZeroTile(acc);
+  int64_t k = 0;
+  if constexpr (kSplitK<MR>) {
+    __m512 odd[MR][2];
+    ZeroTile(odd);
+    for (; k + 1 < kc; k += 2) {
+      const float* bk = b + k * kPanel;
+      pf.Step(4);
+      FmaRow<MR>(acc, a, lda, k, _mm512_loadu_ps(bk), _mm512_loadu_ps(bk + 16));
+      FmaRow<MR>(odd, a, lda, k + 1, _mm512_loadu_ps(bk + kPanel), _mm512_loadu_ps(bk + kPanel + 16));
+    }
+    AddTile(acc, odd);
+  }
+  for (; k < kc; ++k) {
+    const float* bk = b + k * kPanel;
+    pf.Step(2);
+    FmaRow<MR>(acc, a, lda, k, _mm512_loadu_ps(bk), _mm512_loadu_ps(bk + 16));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 activations x bf16 panel [kc/2][32][2], widened to fp32 in registers (kc even). A bf16 is
+// the top half of an fp32, so the even element of a pair becomes fp32 by a left shift of its
+// 32-bit lane and the odd one by masking off the low half: exact, two integer ops per 16 weights.
+
+inline __m512 WidenLow(__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
+inline __m512 WidenHigh(__m512i pairs, __m512i high_mask) {
+  return _mm512_castsi512_ps(_mm512_and_si512(pairs, high_mask));
+}
+
+template <int MR>
+inline void TileBF16Widen(const float* a, int64_t lda, const uint16_t* b, int64_t kc, Prefetcher& pf,
+                          __m512 (&acc)[MR][2]) {
+  const __m512i high_mask = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  ZeroTile(acc);
+  __m512 odd[MR][2];
+  if constexpr (kSplitK<MR>) ZeroTile(odd);
+  for (int64_t k = 0; k < kc; k += 2) {
+    const uint16_t* bk = b + k * kPanel;  // k/2 pairs of 64 bf16
+    pf.Step(2);
+    const __m512i p0 = _mm512_loadu_si512(bk);
+    const __m512i p1 = _mm512_loadu_si512(bk + kPanel);
+    if constexpr (kSplitK<MR>) {
+      FmaRow<MR>(acc, a, lda, k, WidenLow(p0), WidenLow(p1));
+      FmaRow<MR>(odd, a, lda, k + 1, WidenHigh(p0, high_mask), WidenHigh(p1, high_mask));
+    } else {
+      FmaRow<MR>(acc, a, lda, k, WidenLow(p0), WidenLow(p1));
+      FmaRow<MR>(acc, a, lda, k + 1, WidenHigh(p0, high_mask), WidenHigh(p1, high_mask));
+    }
+  }
+  if constexpr (kSplitK<MR>) AddTile(acc, odd);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8-bit panels: w = u * scale + zero, with one (scale, zero) per group of G rows (G % 4 == 0) and
+// column. The affine form holds both the symmetric grid of Q8_0 (zero = -128 scale) and the
+// min-based grid of Q4_0/Q4_1/Q5_x, so requantizing a GGUF block of 32 onto it is exact (the
+// Python quantizer picks the grid per group). Within a group the bytes come in k-quads,
+// u8 [G/4][32][4]: one 64-byte load holds 4 consecutive k of 16 columns, byte j of 32-bit lane c
+// being (k + j, column c). That is the operand layout of vpdpbusd, and the fp32 paths take
+// row k + j out of it with a shift and a mask. `b` points at the first group of the K range; kc
+// is a multiple of the group size.
+
+// u8 [G/4][32][4], then float scale[32], then float zero[32].
+inline int64_t U8GroupBytes(int group) { return static_cast<int64_t>(group) * kPanel + kPanel * 8; }
+
+// Row k + j (j = 0..3) of a 64-byte k-quad block of 16 columns, as 16 fp32.
+template <int J>
+inline __m512 QuadRowAsF32(__m512i quad) {
+  __m512i v = quad;
+  if constexpr (J > 0) v = _mm512_srli_epi32(v, 8 * J);
+  if constexpr (J < 3) v = _mm512_and_si512(v, _mm512_set1_epi32(0xFF));
+  return _mm512_cvtepi32_ps(v);
+}
+
+// fp32 activations, weights dequantized in registers. Few rows (MR <= 4): the conversion
+// dominates, so each group accumulates x * float(u) and the affine map is applied once per group:
+// acc += partial * scale + sum(x over the group) * zero (the sums come precomputed in `xsum`, row
+// stride xsum_ld). More rows: the dequantized weights are shared by all rows and per-group partial
+// sums would not fit in the registers, so w = u * scale + zero. (With AVX512-VNNI the default path
+// is TileU8Vnni; this one keeps the activations in full fp32.)
+template <int MR>
+inline void TileU8(const float* a, int64_t lda, const uint8_t* b, int64_t kc, int group, const float* xsum,
+                   int64_t xsum_ld, Prefetcher& pf, __m512 (&acc)[MR][2]) {
+  ZeroTile(acc);
+  const int64_t group_bytes = U8GroupBytes(group);
+  for (int64_t g0 = 0, g = 0; g0 < kc; g0 += group, ++g, b += group_bytes) {
+    const float* scale = reinterpret_cast<const float*>(b + static_cast<int64_t>(group) * kPanel);
+    const __m512 s0 = _mm512_loadu_ps(scale);
+    const __m512 s1 = _mm512_loadu_ps(scale + 16);
+    const __m512 z0 = _mm512_loadu_ps(scale + kPanel);
+    const __m512 z1 = _mm512_loadu_ps(scale + kPanel + 16);
+    if constexpr (MR <= 4) {
+      __m512 part[MR][2];
+      __m512 odd[MR][2];
+      ZeroTile(part);
+      ZeroTile(odd);
+      for (int kq = 0; kq < group; kq += 4) {
+        const uint8_t* q = b + kq * kPanel;
+        pf.Step(2);
+        const __m512i q0 = _mm512_loadu_si512(q);
+        const __m512i q1 = _mm512_loadu_si512(q + 64);
+        const int64_t k = g0 + kq;
+        FmaRow<MR>(part, a, lda, k, QuadRowAsF32<0>(q0), QuadRowAsF32<0>(q1));
+        FmaRow<MR>(odd, a, lda, k + 1, QuadRowAsF32<1>(q0), QuadRowAsF32<1>(q1));
+        FmaRow<MR>(part, a, lda, k + 2, QuadRowAsF32<2>(q0), QuadRowAsF32<2>(q1));
+        FmaRow<MR>(odd, a, lda, k + 3, QuadRowAsF32<3>(q0), QuadRowAsF32<3>(q1));
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const __m512 xs = _mm512_set1_ps(xsum[r * xsum_ld + g]);
+        acc[r][0] = _mm512_fmadd_ps(_mm512_add_ps(part[r][0], odd[r][0]), s0, _mm512_fmadd_ps(xs, z0, acc[r][0]));
+        acc[r][1] = _mm512_fmadd_ps(_mm512_add_ps(part[r][1], odd[r][1]), s1, _mm512_fmadd_ps(xs, z1, acc[r][1]));
+      }
+    } else {
+      for (int kq = 0; kq < group; kq += 4) {
+        const uint8_t* q = b + kq * kPanel;
+        pf.Step(2);
+        const __m512i q0 = _mm512_loadu_si512(q);
+        const __m512i q1 = _mm512_loadu_si512(q + 64);
+        const int64_t k = g0 + kq;
+        FmaRow<MR>(acc, a, lda, k, _mm512_fmadd_ps(QuadRowAsF32<0>(q0), s0, z0),
+                   _mm512_fmadd_ps(QuadRowAsF32<0>(q1), s1, z1));
+        FmaRow<MR>(acc, a, lda, k + 1, _mm512_fmadd_ps(QuadRowAsF32<1>(q0), s0, z0),
+                   _mm512_fmadd_ps(QuadRowAsF32<1>(q1), s1, z1));
+        FmaRow<MR>(acc, a, lda, k + 2, _mm512_fmadd_ps(QuadRowAsF32<2>(q0), s0, z0),
+                   _mm512_fmadd_ps(QuadRowAsF32<2>(q1), s1, z1));
+        FmaRow<MR>(acc, a, lda, k + 3, _mm512_fmadd_ps(QuadRowAsF32<3>(q0), s0, z0),
+                   _mm512_fmadd_ps(QuadRowAsF32<3>(q1), s1, z1));
+      }
+    }
+  }
+}
+
+// Dequantizes kc rows of an 8-bit panel into fp32 [kc][32] (the large-M fp32 path reuses it for
+// many row tiles, so the conversion is paid once per panel and M block, not once per tile).
+inline void DequantU8ToF32(const uint8_t* b, int64_t kc, int group, float* out) {
+  const int64_t group_bytes = U8GroupBytes(group);
+  for (int64_t g0 = 0; g0 < kc; g0 += group, b += group_bytes) {
+    const float* scale = reinterpret_cast<const float*>(b + static_cast<int64_t>(group) * kPanel);
+    const __m512 s0 = _mm512_loadu_ps(scale);
+    const __m512 s1 = _mm512_loadu_ps(scale + 16);
+    const __m512 z0 = _mm512_loadu_ps(scale + kPanel);
+    const __m512 z1 = _mm512_loadu_ps(scale + kPanel + 16);
+    for (int kq = 0; kq < group; kq += 4) {
+      const __m512i q0 = _mm512_loadu_si512(b + kq * kPanel);
+      const __m512i q1 = _mm512_loadu_si512(b + kq * kPanel + 64);
+      float* o = out + (g0 + kq) * kPanel;
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(QuadRowAsF32<0>(q0), s0, z0));
+      _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(QuadRowAsF32<0>(q1), s1, z1));
+      _mm512_storeu_ps(o + kPanel, _mm512_fmadd_ps(QuadRowAsF32<1>(q0), s0, z0));
+      _mm512_storeu_ps(o + kPanel + 16, _mm512_fmadd_ps(QuadRowAsF32<1>(q1), s1, z1));
+      _mm512_storeu_ps(o + 2 * kPanel, _mm512_fmadd_ps(QuadRowAsF32<2>(q0), s0, z0));
+      _mm512_storeu_ps(o + 2 * kPanel + 16, _mm512_fmadd_ps(QuadRowAsF32<2>(q1), s1, z1));
+      _mm512_storeu_ps(o + 3 * kPanel, _mm512_fmadd_ps(QuadRowAsF32<3>(q0), s0, z0));
+      _mm512_storeu_ps(o + 3 * kPanel + 16, _mm512_fmadd_ps(QuadRowAsF32<3>(q1), s1, z1));
+    }
+  }
+}
+
+#ifdef __AVX512VNNI__
+// ---------------------------------------------------------------------------------------------
+// 16-bit activations x 8-bit panel with vpdpbusd (u8 x s8, four products per 32-bit lane, exact
+// int32 sums). Each activation group (the weights' group along K) is quantized to q = x / s_x with
+// |q| <= 32639 and split into two signed bytes, q = 256 hi + lo: two vpdpbusd per k-quad and
+// column block give the exact sums of u * hi and u * lo, and per group
+//   acc += float(256 sum_hi + sum_lo) * (scale * s_x) + zero * (s_x * sum q)
+// The activation error is at most s_x / 2 = max|x of the group| / 65278 per element (bf16
+// activations: up to |x| / 256), the weights are exact, and it runs at the multiply rate of vdpbf16ps.
+
+// The group size is a template parameter so the k-quad loop unrolls completely: with a runtime
+// trip count GCC shuffles the 16 integer accumulators through spare registers and the stack on
+// every step (measured: 35% slower).
+template <int MR, int G>
+inline void TileU8Vnni(const int8_t* hi, const int8_t* lo, int64_t ldx, const float* x_scale, const float* x_sum,
+                       int64_t xs_ld, const uint8_t* b, int64_t kc, Prefetcher& pf, __m512 (&acc)[MR][2]) {
+  static_assert(MR <= kMaxVnniRows, "too many rows for the registers");
+  constexpr int group = G;
+  ZeroTile(acc);
+  const int64_t group_bytes = U8GroupBytes(group);
+  for (int64_t g0 = 0, g = 0; g0 < kc; g0 += group, ++g, b += group_bytes) {
+    __m512i sum_hi[MR][2];
+    __m512i sum_lo[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      sum_hi[r][0] = sum_hi[r][1] = sum_lo[r][0] = sum_lo[r][1] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 32
+    for (int kq = 0; kq < group; kq += 4) {
+      const uint8_t* q = b + kq * kPanel;
+      pf.Step(2);
+      const __m512i q0 = _mm512_loadu_si512(q);
+      const __m512i q1 = _mm512_loadu_si512(q + 64);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        int32_t quad_hi;  // activations k .. k+3 of row r, broadcast as one 32-bit lane
+        int32_t quad_lo;
+        __builtin_memcpy(&quad_hi, hi + r * ldx + g0 + kq, sizeof(quad_hi));
+        __builtin_memcpy(&quad_lo, lo + r * ldx + g0 + kq, sizeof(quad_lo));
+        const __m512i vh = _mm512_set1_epi32(quad_hi);
+        const __m512i vl = _mm512_set1_epi32(quad_lo);
+        sum_hi[r][0] = _mm512_dpbusd_epi32(sum_hi[r][0], q0, vh);
+        sum_hi[r][1] = _mm512_dpbusd_epi32(sum_hi[r][1], q1, vh);
+        sum_lo[r][0] = _mm512_dpbusd_epi32(sum_lo[r][0], q0, vl);
+        sum_lo[r][1] = _mm512_dpbusd_epi32(sum_lo[r][1], q1, vl);
+      }
+    }
+    // |sum_hi| <= G * 255 * 128, so 256 * sum_hi + sum_lo stays far inside int32 for G <= 256.
+    const float* scale = reinterpret_cast<const float*>(b + static_cast<int64_t>(group) * kPanel);
+    const __m512 s0 = _mm512_loadu_ps(scale);
+    const __m512 s1 = _mm512_loadu_ps(scale + 16);
+    const __m512 z0 = _mm512_loadu_ps(scale + kPanel);
+    const __m512 z1 = _mm512_loadu_ps(scale + kPanel + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xs = _mm512_set1_ps(x_scale[r * xs_ld + g]);
+      const __m512 xz = _mm512_set1_ps(x_sum[r * xs_ld + g]);
+      const __m512 d0 = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(sum_hi[r][0], 8), sum_lo[r][0]));
+      const __m512 d1 = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(sum_hi[r][1], 8), sum_lo[r][1]));
+      acc[r][0] = _mm512_fmadd_ps(d0, _mm512_mul_ps(s0, xs), _mm512_fmadd_ps(z0, xz, acc[r][0]));
+      acc[r][1] = _mm512_fmadd_ps(d1, _mm512_mul_ps(s1, xs), _mm512_fmadd_ps(z1, xz, acc[r][1]));
+    }
+  }
+}
+
+// Group sizes with a TileU8Vnni instance (and a multiple of QuantizeRow16's 16).
+constexpr bool VnniGroupOk(int group) { return group == 16 || group == 32 || group == 64 || group == 128; }
+
+// The largest |q| of a 16-bit activation: 127 * 257, so q = 256 hi + lo with lo in [-128, 127]
+// always leaves hi in [-128, 127].
+constexpr float kAct16Max = 32639.0f;
+
+// Quantizes row x (k elements, k % group == 0, group % 16 == 0) group by group: hi/lo bytes,
+// the step s_x and s_x * sum(q) per group.
+inline void QuantizeRow16(const float* x, int64_t k, int group, int8_t* hi, int8_t* lo, float* scale,
+                          float* sum) {
+  const __m512i byte_bias = _mm512_set1_epi32(128);
+  const __m512i low_byte = _mm512_set1_epi32(0xFF);
+  for (int64_t g0 = 0, g = 0; g0 < k; g0 += group, ++g) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < group; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + g0 + i)));
+    const float max_abs = _mm512_reduce_max_ps(amax);
+    const float inv = max_abs > 0.f ? kAct16Max / max_abs : 0.f;
+    const float step = max_abs / kAct16Max;
+    __m512i total = _mm512_setzero_si512();
+    for (int i = 0; i < group; i += 16) {
+      // Round to nearest even, as the default MXCSR mode of vcvtps2dq does.
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + g0 + i), _mm512_set1_ps(inv)));
+      const __m512i l = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(q, byte_bias), low_byte), byte_bias);
+      const __m512i h = _mm512_srai_epi32(_mm512_sub_epi32(q, l), 8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + g0 + i), _mm512_cvtepi32_epi8(h));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + g0 + i), _mm512_cvtepi32_epi8(l));
+      total = _mm512_add_epi32(total, q);
+    }
+    scale[g] = step;
+    sum[g] = step * static_cast<float>(_mm512_reduce_add_epi32(total));
+  }
+}
+#endif  // __AVX512VNNI__
+
+inline void WidenBF16ToF32(const uint16_t* b, int64_t kc, float* out) {
+  const __m512i high_mask = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t k = 0; k < kc; k += 2) {
+    const __m512i p0 = _mm512_loadu_si512(b + k * kPanel);
+    const __m512i p1 = _mm512_loadu_si512(b + k * kPanel + kPanel);
+    float* o = out + k * kPanel;
+    _mm512_storeu_ps(o, WidenLow(p0));
+    _mm512_storeu_ps(o + 16, WidenLow(p1));
+    _mm512_storeu_ps(o + kPanel, WidenHigh(p0, high_mask));
+    _mm512_storeu_ps(o + kPanel + 16, WidenHigh(p1, high_mask));
+  }
+}
+
+#ifdef __AVX512BF16__
+// ---------------------------------------------------------------------------------------------
+// bf16 activations x bf16 panel [kc/2][32][2] with vdpbf16ps: each fp32 lane accumulates the
+// exact products of one k-pair, twice the multiply rate of fp32 FMA. Used when M is large enough
+// for the GEMM to be compute-bound; activations are rounded to bf16 (RNE) once per call.
+
+template <int MR>
+inline void DotRow(__m512 (&acc)[MR][2], const uint16_t* a, int64_t lda, int64_t k, const uint16_t* bk) {
+  const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bk));
+  const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bk + kPanel));
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    int32_t pair;  // the (k, k+1) activations of row r, broadcast as one 32-bit lane
+    __builtin_memcpy(&pair, a + r * lda + k, sizeof(pair));
+    const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+  }
+}
+
+template <int MR>
+inline void TileBF16Dot(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t kc, Prefetcher& pf,
+                        __m512 (&acc)[MR][2]) {
+  ZeroTile(acc);
+  int64_t k = 0;
+  if constexpr (kSplitK<MR>) {
+    __m512 odd[MR][2];
+    ZeroTile(odd);
+    for (; k + 3 < kc; k += 4) {
+      pf.Step(4);
+      DotRow<MR>(acc, a, lda, k, b + k * kPanel);
+      DotRow<MR>(odd, a, lda, k + 2, b + (k + 2) * kPanel);
+    }
+    AddTile(acc, odd);
+  }
+  for (; k < kc; k += 2) {
+    pf.Step(2);
+    DotRow<MR>(acc, a, lda, k, b + k * kPanel);
+  }
+}
+
+// Interleaves two rows of 16 fp32 (k and k+1 of 16 columns) into 16 bf16 pairs.
+inline __m512i PackPairsBF16(__m512 row_k, __m512 row_k1) {
+  // cvtne2ps puts its second operand in elements 0..15 and its first in 16..31; the permutation
+  // turns [k0..k15 | k1_0..k1_15] into (k_j, k1_j) pairs.
+  const __m512i index = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(row_k1, row_k));
+  return _mm512_permutexvar_epi16(index, both);
+}
+
+// Dequantizes kc rows of an 8-bit panel straight into the bf16 pair layout TileBF16Dot reads.
+// u * scale + zero is computed in fp32 and rounded once to bf16.
+inline void DequantU8ToBF16Pairs(const uint8_t* b, int64_t kc, int group, uint16_t* out) {
+  const int64_t group_bytes = U8GroupBytes(group);
+  for (int64_t g0 = 0; g0 < kc; g0 += group, b += group_bytes) {
+    const float* scale = reinterpret_cast<const float*>(b + static_cast<int64_t>(group) * kPanel);
+    const __m512 s0 = _mm512_loadu_ps(scale);
+    const __m512 s1 = _mm512_loadu_ps(scale + 16);
+    const __m512 z0 = _mm512_loadu_ps(scale + kPanel);
+    const __m512 z1 = _mm512_loadu_ps(scale + kPanel + 16);
+    for (int kq = 0; kq < group; kq += 4) {
+      const __m512i q0 = _mm512_loadu_si512(b + kq * kPanel);
+      const __m512i q1 = _mm512_loadu_si512(b + kq * kPanel + 64);
+      uint16_t* o = out + (g0 + kq) * kPanel;  // pairs (k, k+1) then (k+2, k+3), 64 bf16 each
+      _mm512_storeu_si512(o, PackPairsBF16(_mm512_fmadd_ps(QuadRowAsF32<0>(q0), s0, z0),
+                                           _mm512_fmadd_ps(QuadRowAsF32<1>(q0), s0, z0)));
+      _mm512_storeu_si512(o + kPanel, PackPairsBF16(_mm512_fmadd_ps(QuadRowAsF32<0>(q1), s1, z1),
+                                                    _mm512_fmadd_ps(QuadRowAsF32<1>(q1), s1, z1)));
+      _mm512_storeu_si512(o + 2 * kPanel, PackPairsBF16(_mm512_fmadd_ps(QuadRowAsF32<2>(q0), s0, z0),
+                                                        _mm512_fmadd_ps(QuadRowAsF32<3>(q0), s0, z0)));
+      _mm512_storeu_si512(o + 3 * kPanel, PackPairsBF16(_mm512_fmadd_ps(QuadRowAsF32<2>(q1), s1, z1),
+                                                        _mm512_fmadd_ps(QuadRowAsF32<3>(q1), s1, z1)));
+    }
+  }
+}
+
+// Rounds n (even) fp32 values to bf16, RNE.
+inline void RoundRowToBF16(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+    _mm512_storeu_si512(out + i, reinterpret_cast<__m512i>(v));
+  }
+  for (; i < n; i += 16) {
+    const int64_t left = n - i < 16 ? n - i : 16;
+    const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1u);
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + i));
+    _mm256_mask_storeu_epi16(out + i, mask, reinterpret_cast<__m256i>(v));
+  }
+}
+#endif  // __AVX512BF16__
+
+}  // namespace fd_linear
