@@ -2,9 +2,12 @@
 
 - `ChatBot`: the seed-000 HTTP client (implemented in the light `fastdeploy_client` package, which
   has no dependency on this one; re-exported so `fastdeploy.client.ChatBot` works too).
+- `EngineClient` / `AsyncEngineClient`: the ZeroMQ embedding client for a server started with
+  `--zmq-bind` (docs/embedding.md).
 """
+from fastdeploy.client.engine_client import (AsyncEngineClient, AsyncRequestStream, EngineClient,
+                                             EngineClientError, RequestResult, RequestStream)
 from fastdeploy_client.chatbot import ChatBot
 
-# EngineClient (the ZeroMQ embedding client, issue 5) is exported from here too, once it exists.
-
-__all__ = ["ChatBot"]
+__all__ = ["AsyncEngineClient", "AsyncRequestStream", "ChatBot", "EngineClient", "EngineClientError",
+           "RequestResult", "RequestStream"]

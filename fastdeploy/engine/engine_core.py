@@ -29,9 +29,58 @@ _ABORT_MEMORY_SIZE = 4096
 class EngineRequestError(ValueError):
     """A request the engine cannot run; `param` names the offending field for the HTTP error body."""
 
+    status = 400
+    code = "invalid_value"
+
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class DuplicateRequestError(EngineRequestError):
+    """The client's request id is already in flight (FastDeploy answers "req_id repeated")."""
+
+    status = 409
+    code = "duplicate_request_id"
+
+
+class ClientIds:
+    """Client-chosen request ids in flight, engine-wide: the one place every api worker and the
+    ZeroMQ gateway meet, so a duplicate is caught whichever process the second request came through.
+
+    Engine ids are unique by construction ("<pipeline id>-<choice>"); the n choices of one request
+    share its client id, so a claim from the same pipeline id is a sibling, not a duplicate.
+    """
+
+    def __init__(self) -> None:
+        self._owner: dict[str, tuple[str, int]] = {}
+        """client id → (pipeline id, engine requests still in flight)."""
+        self._client_of: dict[str, str] = {}
+        """engine request id → its client id."""
+
+    def claim(self, client_id: str, request_id: str) -> None:
+        if not client_id:
+            return
+        group = request_id.rpartition("-")[0] or request_id
+        owner = self._owner.get(client_id)
+        if owner is not None and owner[0] != group:
+            raise DuplicateRequestError("request_id", f"request_id {client_id!r} is already in flight; "
+                                                      "request ids must be unique among running requests")
+        self._owner[client_id] = (group, (owner[1] if owner else 0) + 1)
+        self._client_of[request_id] = client_id
+
+    def release(self, request_id: str) -> None:
+        client_id = self._client_of.pop(request_id, None)
+        if client_id is None:
+            return
+        group, count = self._owner[client_id]
+        if count <= 1:
+            del self._owner[client_id]
+        else:
+            self._owner[client_id] = (group, count - 1)
+
+    def __len__(self) -> int:
+        return len(self._owner)
 
 
 class _Rows:
@@ -76,6 +125,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler_config, self.blocks)
         self.sampler = Sampler(self.eos_token_ids, seed=config.model_config.seed)
         self.seqs: dict[str, Sequence] = {}
+        self.client_ids = ClientIds()
         self.recent_aborts: OrderedDict[str, float] = OrderedDict()
         self.pending = _Rows()
         self.num_steps = 0
@@ -96,6 +146,7 @@ class EngineCore:
         if self.recent_aborts.pop(rid, None) is not None:
             self.pending.add(seq, [], "abort")
             return
+        self.client_ids.claim(req.client_id, rid)
         self.seqs[rid] = seq
         self.scheduler.add(seq)
 
@@ -129,6 +180,7 @@ class EngineCore:
             seq = self.seqs.pop(rid, None)
             if seq is not None:
                 self.scheduler.remove(seq)
+                self.client_ids.release(rid)
                 self.pending.add(seq, [], "abort")
             else:
                 self.recent_aborts[rid] = now
@@ -179,6 +231,7 @@ class EngineCore:
             if finish is not None:
                 self.seqs.pop(seq.request_id, None)
                 self.scheduler.remove(seq)
+                self.client_ids.release(seq.request_id)
             rows.add(seq, [token], finish, lp)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

@@ -104,8 +104,8 @@ class EngineProcess:
             self.core.add_request(req)
         except ValueError as exc:
             self.outboxes.send(req.reply_to, wire.ErrorFrame(
-                request_id=req.request_id, status=400, message=str(exc), param=getattr(exc, "param", None),
-                code="invalid_value"))
+                request_id=req.request_id, status=getattr(exc, "status", 400), message=str(exc),
+                param=getattr(exc, "param", None), code=getattr(exc, "code", "invalid_value")))
             return
         self.dest_of[req.request_id] = req.reply_to
         self.metrics.on_request(req.request_id, req.arrival_time)

@@ -21,6 +21,8 @@ class EngineRequest(msgspec.Struct, tag="req", **_STRUCT):
     arrival_time: float = 0.0
     reply_to: str = ""
     """Address the step outputs for this request go to (a detokenizer); empty in-process."""
+    client_id: str = ""
+    """The id the client chose (HTTP `request_id`, fdclient `req_id`); unique among requests in flight."""
 
 
 class AbortRequests(msgspec.Struct, tag="abort", **_STRUCT):

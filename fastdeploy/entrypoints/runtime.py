@@ -55,6 +55,10 @@ class RunSpec(msgspec.Struct, omit_defaults=True):
     max_request_bytes: int = 8 * 1024 * 1024
     model_info: ModelInfo | None = None
     """Filled before the api workers start (they need max_model_len)."""
+    zmq_bind: str | None = None
+    """--zmq-bind: where the ZeroMQ gateway listens for callers (tcp:// or ipc://); None: no gateway."""
+    gateway_addr: str = ""
+    """The gateway's reply address (ipc, in the run directory)."""
 
 
 def ipc_addr(run_dir: str, name: str) -> str:

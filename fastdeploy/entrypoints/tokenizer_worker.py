@@ -71,7 +71,8 @@ class TokenizerWorker:
             child_params = params.clone(n=1, seed=seed) if params.n > 1 else params
             self.engine.send(wire.encode(EngineRequest(request_id=child, prompt_token_ids=ids,
                                                        sampling_params=child_params,
-                                                       arrival_time=req.arrival_time, reply_to=detok)))
+                                                       arrival_time=req.arrival_time, reply_to=detok,
+                                                       client_id=req.client_id)))
 
     def prompt_ids(self, req: wire.GenerateRequest) -> list[int]:
         tok = self.tokenizer

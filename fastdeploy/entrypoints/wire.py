@@ -40,6 +40,8 @@ class GenerateRequest(msgspec.Struct, tag="gen", **_STRUCT):
     enable_thinking: bool | None = None
     return_prompt_token_ids: bool = False
     want_logprobs: bool = False
+    client_id: str = ""
+    """The id the client chose; the engine rejects it while another request holds it (409)."""
 
 
 class DetokRegister(msgspec.Struct, tag="reg", **_STRUCT):

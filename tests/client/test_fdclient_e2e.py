@@ -2,9 +2,12 @@
 with the default model, and the client-side error cases that return an error dict."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 from serving.conftest import free_port, start_server, stop_server
@@ -76,3 +79,35 @@ def test_timeout_returns_error_dict(server):
     assert result.get("error_code") == 408
     # The server keeps serving afterwards.
     assert "results" in bot.generate("Hi", max_dec_len=4)
+
+
+def test_duplicate_req_id_in_flight_returns_error_dict(server):
+    bot = ChatBot("127.0.0.1", server.port)
+    running = bot.stream_generate("Write a very long story about the sea.", max_dec_len=900, min_dec_len=900,
+                                  req_id="fd-dup-1")
+    first = next(running)  # the first request is generating now
+    assert first["is_end"] == 0 and first["req_id"] == "fd-dup-1"
+    try:
+        result = bot.generate("Hi", max_dec_len=4, req_id="fd-dup-1")
+        assert result["error_code"] == 409, result
+        assert "fd-dup-1" in result["error_msg"] and result["req_id"] == "fd-dup-1"
+        items = list(bot.stream_generate("Hi", max_dec_len=4, req_id="fd-dup-1"))
+        assert items[-1]["error_code"] == 409
+        # Another id is served meanwhile.
+        assert "results" in bot.generate("Hi", max_dec_len=4, req_id="fd-dup-2")
+    finally:
+        running.close()  # closes the connection: the server aborts the long request
+
+
+def test_req_id_is_the_response_id(server):
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                       "request_id": "my-own-id"}).encode()
+    req = urllib.request.Request(f"{server.url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert json.loads(resp.read())["id"] == "my-own-id"
+    bad = urllib.request.Request(f"{server.url}/v1/chat/completions",
+                                 json.dumps({"messages": [{"role": "user", "content": "Hi"}], "request_id": 5}).encode(),
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(bad, timeout=120)
+    assert err.value.code == 400 and json.loads(err.value.read())["error"]["param"] == "request_id"

@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8188)
     g.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus /metrics port (default: an internal port; /metrics on --port proxies it)")
-    g.add_argument("--workers", type=int, default=1, help="api worker processes sharing --port")
+    g.add_argument("--workers", type=int, default=1,
+                   help="api worker processes sharing --port (0: no HTTP, only --zmq-bind)")
+    g.add_argument("--zmq-bind", default=None, metavar="ADDR",
+                   help="also serve the msgspec wire protocol to other services on this ZeroMQ address, "
+                        "e.g. tcp://127.0.0.1:8189 or ipc:///run/fastdeploy.sock (docs/embedding.md)")
     g.add_argument("--tokenizer-workers", type=int, default=1)
     g.add_argument("--detokenizer-workers", type=int, default=1)
     g.add_argument("--served-model-name", default=None)
@@ -95,8 +99,9 @@ class Launcher:
             engine_args=asdict(engine_args), host=a.host, port=a.port,
             metrics_host=a.host if a.metrics_port is not None else "127.0.0.1",
             metrics_port=a.metrics_port or 0, reasoning_parser=a.reasoning_parser, api_key=a.api_key,
-            max_concurrency=max(1, math.ceil(a.max_concurrency / a.workers)),
-            max_request_bytes=a.max_request_bytes)
+            max_concurrency=max(1, math.ceil(a.max_concurrency / max(1, a.workers))),
+            max_request_bytes=a.max_request_bytes, zmq_bind=a.zmq_bind,
+            gateway_addr=ipc_addr(d, "gateway") if a.zmq_bind else "")
 
     def start(self, name: str, module: str, spec_path: str, index: int | None = None) -> None:
         cmd = [sys.executable, "-m", module, "--spec", spec_path]
@@ -201,9 +206,14 @@ def launch(launcher: Launcher, args: argparse.Namespace, engine_args: EngineArgs
     api_names = [f"api-{i}" for i in range(args.workers)]
     for i, name in enumerate(api_names):
         launcher.start(name, "fastdeploy.entrypoints.openai.http_app", api_spec_path, i)
+    if args.zmq_bind:
+        launcher.start("zmq-gateway", "fastdeploy.entrypoints.zmq_gateway", api_spec_path)
+        api_names.append("zmq-gateway")
     launcher.wait_ready(api_names, args.startup_timeout)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    _say(f"FastDeploy server ready: http://{shown}:{args.port}/v1 (model {spec.served_model_name!r}, "
+    where = [f"http://{shown}:{args.port}/v1"] if args.workers else []
+    where += [f"ZeroMQ {args.zmq_bind}"] if args.zmq_bind else []
+    _say(f"FastDeploy server ready: {' and '.join(where)} (model {spec.served_model_name!r}, "
          f"max_model_len {engine.max_model_len}); metrics at http://{shown}:{engine.metrics_port}/metrics")
 
 
@@ -214,9 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         engine_args = EngineArgs.from_cli_args(args)
         engine_args.create_engine_config()
         check_reasoning_parser(args.reasoning_parser)
-        if args.workers < 1 or args.tokenizer_workers < 1 or args.detokenizer_workers < 1:
-            raise LaunchError("--workers, --tokenizer-workers and --detokenizer-workers must be at least 1")
-        check_port_free(args.host, args.port, "--port")
+        if args.workers < 0 or args.tokenizer_workers < 1 or args.detokenizer_workers < 1:
+            raise LaunchError("--tokenizer-workers and --detokenizer-workers must be at least 1, --workers at "
+                              "least 0")
+        if args.workers == 0 and not args.zmq_bind:
+            raise LaunchError("--workers 0 (no HTTP) needs --zmq-bind, or nothing could reach the server")
+        if args.zmq_bind and not args.zmq_bind.startswith(("tcp://", "ipc://")):
+            raise LaunchError(f"--zmq-bind must be a tcp:// or ipc:// address, got {args.zmq_bind!r}")
+        if args.workers:
+            check_port_free(args.host, args.port, "--port")
         if args.metrics_port is not None:
             check_port_free(args.host, args.metrics_port, "--metrics-port")
         from fastdeploy.model_store import resolve_model

@@ -36,8 +36,12 @@ WORKER_KEY: web.AppKey["ApiWorker"] = web.AppKey("worker")
 class Submission:
     """The queue of one HTTP request's chunks and the engine ids to abort if it ends early."""
 
-    def __init__(self, request_ids: list[str], n: int, kind: str = "completion") -> None:
+    def __init__(self, request_ids: list[str], n: int, kind: str = "completion",
+                 response_id: str | None = None) -> None:
         self.request_ids = request_ids
+        """Pipeline ids, one per prompt: unique by construction, whatever the client sends."""
+        self.response_id = response_id or request_ids[0]
+        """The response's `id`: the client's request_id when it gave one."""
         self.kind = kind
         self.n = n
         self.queue: asyncio.Queue[wire.TextChunk | wire.ErrorFrame] = asyncio.Queue()
@@ -146,11 +150,14 @@ class ApiWorker:
         base = f"{prefix}-{os.urandom(12).hex()}"
         inputs: list[str | list[int] | None] = [None] if parsed.messages is not None else list(parsed.prompts)
         ids = [base if len(inputs) == 1 else f"{base}_{j}" for j in range(len(inputs))]
-        sub = Submission(ids, parsed.params.n, parsed.kind)
+        client = parsed.request_id
+        client_ids = [client if len(inputs) == 1 else f"{client}_{j}" for j in range(len(inputs))] if client \
+            else [""] * len(inputs)
+        sub = Submission(ids, parsed.params.n, parsed.kind, response_id=client)
         for rid in ids:
             self.pending[rid] = sub
         try:
-            for rid, prompt in zip(ids, inputs):
+            for rid, client_id, prompt in zip(ids, client_ids, inputs):
                 await self.to_tokenizers.send(wire.encode(wire.GenerateRequest(
                     request_id=rid, reply_to=self.reply_addr, sampling_params=parsed.params,
                     prompt=prompt if isinstance(prompt, str) else None,
@@ -158,7 +165,7 @@ class ApiWorker:
                     messages=parsed.messages, chat_template_kwargs=parsed.chat_template_kwargs,
                     add_special_tokens=parsed.kind == "completion", arrival_time=sub.arrival,
                     enable_thinking=parsed.enable_thinking, return_prompt_token_ids=parsed.return_token_ids,
-                    want_logprobs=parsed.logprobs)))
+                    want_logprobs=parsed.logprobs, client_id=client_id)))
             yield sub
         finally:
             for rid in ids:

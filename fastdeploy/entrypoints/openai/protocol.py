@@ -65,6 +65,8 @@ class ParsedRequest:
     echo: bool = False
     beam_width: int = 0
     """> 0: beam search with this many beams (use_beam_search / num_beams); n best are returned."""
+    request_id: str | None = None
+    """The client's id (FastDeploy's `request_id`): the response id, unique among requests in flight."""
 
 
 class _Body:
@@ -133,6 +135,20 @@ class _Body:
         if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             raise ApiError(400, f"'{name}' must be a list of integers", name)
         return value
+
+
+MAX_REQUEST_ID_CHARS = 256
+
+
+def client_request_id(body: _Body) -> str | None:
+    """FastDeploy clients (fdclient's req_id) name their requests; the engine rejects an id in flight."""
+    value = body.get("request_id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_REQUEST_ID_CHARS or not value.isprintable():
+        raise ApiError(400, f"'request_id' must be a non-empty printable string of at most "
+                            f"{MAX_REQUEST_ID_CHARS} characters", "request_id")
+    return value
 
 
 def check_model(body: _Body, ctx: ModelContext) -> str:
@@ -226,7 +242,8 @@ def parse_chat(data: Any, ctx: ModelContext) -> ParsedRequest:
     return ParsedRequest(kind="chat", model=model, params=params, messages=messages, stream=stream,
                          include_usage=include_usage, continuous_usage=continuous,
                          return_token_ids=bool(body.boolean("return_token_ids")), chat_template_kwargs=kwargs,
-                         enable_thinking=thinking, logprobs=logprobs, beam_width=beam_width)
+                         enable_thinking=thinking, logprobs=logprobs, beam_width=beam_width,
+                         request_id=client_request_id(body))
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -275,7 +292,8 @@ def parse_completion(data: Any, ctx: ModelContext) -> ParsedRequest:
     return ParsedRequest(kind="completion", model=model, params=params, prompts=prompts, stream=stream,
                          include_usage=include_usage, continuous_usage=continuous,
                          return_token_ids=bool(body.boolean("return_token_ids")), logprobs=logprobs is not None,
-                         echo=bool(body.boolean("echo")), beam_width=beam_width)
+                         echo=bool(body.boolean("echo")), beam_width=beam_width,
+                         request_id=client_request_id(body))
 
 
 def _prompts(value: Any, vocab_size: int) -> list[str | list[int]]:

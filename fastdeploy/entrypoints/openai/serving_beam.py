@@ -33,8 +33,10 @@ class Beam:
 class BeamResult:
     """Looks like a Submission to the formatters: request ids, arrival time and final chunks."""
 
-    def __init__(self, request_ids: list[str], chunks: list[wire.TextChunk], arrival: float) -> None:
+    def __init__(self, request_ids: list[str], chunks: list[wire.TextChunk], arrival: float,
+                 response_id: str | None = None) -> None:
         self.request_ids = request_ids
+        self.response_id = response_id or request_ids[0]
         self.arrival = arrival
         self._chunks = chunks
 
@@ -69,7 +71,9 @@ async def _search(worker: ApiWorker, parsed: ParsedRequest, first: ParsedRequest
     step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=min(20, 2 * width),
                                  repetition_penalty=params.repetition_penalty,
                                  presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
-    [chunks] = await _expand(worker, replace(first, params=step_params, return_token_ids=True, logprobs=True))
+    # The expansion steps are internal requests: the client's request_id names the whole search only.
+    [chunks] = await _expand(worker, replace(first, params=step_params, return_token_ids=True, logprobs=True,
+                                             request_id=None))
     prompt_ids = next(c.prompt_token_ids for c in chunks if c.prompt_token_ids is not None)
     room = max(1, (worker.model.max_model_len or 1 << 30) - len(prompt_ids))
     max_tokens = min(params.max_tokens or room, room)
@@ -120,4 +124,4 @@ async def run_beam_search(worker: ApiWorker, parsed: ParsedRequest, prefix: str)
                 request_id=rid, index=index, text=text, token_ids=beam.tokens, finish_reason=beam.finish_reason,
                 num_prompt_tokens=len(prompt_ids), num_output_tokens=len(beam.tokens),
                 prompt_token_ids=prompt_ids if parsed.return_token_ids and index == 0 else None))
-    return BeamResult(request_ids, chunks, arrival)
+    return BeamResult(request_ids, chunks, arrival, response_id=parsed.request_id)

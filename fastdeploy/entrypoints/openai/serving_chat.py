@@ -47,18 +47,17 @@ async def _complete(parsed: ParsedRequest, sub: ChunkSource) -> web.Response:
         c.logprobs.extend(chunk.logprobs or [])
         c.finish_reason = chunk.finish_reason or c.finish_reason
         usage.add(chunk)
-    rid = sub.request_ids[0]
     out = []
     for i, c in enumerate(choices):
         message: dict[str, Any] = {"role": "assistant", "content": "".join(c.text)}
         reasoning = "".join(c.reasoning)
         message["reasoning_content"] = reasoning or None
         if parsed.return_token_ids:
-            message["prompt_token_ids"] = usage.prompt_token_ids.get(rid)
+            message["prompt_token_ids"] = usage.prompt_token_ids.get(sub.request_ids[0])
             message["completion_token_ids"] = c.token_ids
         out.append({"index": i, "message": message, "logprobs": _chat_logprobs(c.logprobs) if parsed.logprobs else None,
                     "finish_reason": c.finish_reason})
-    body = {"id": rid, "object": "chat.completion", "created": now(), "model": parsed.model, "choices": out,
+    body = {"id": sub.response_id, "object": "chat.completion", "created": now(), "model": parsed.model, "choices": out,
             "usage": usage.usage()}
     return web.json_response(body)
 
@@ -67,7 +66,7 @@ async def _stream(request: web.Request, parsed: ParsedRequest, sub: ChunkSource)
     chunks = await peek_first(sub.chunks())
     sse = SseWriter(request)
     await sse.start()
-    rid = sub.request_ids[0]
+    rid = sub.response_id
     created = now()
     usage = UsageTracker()
 

@@ -17,6 +17,7 @@ class ChunkSource(Protocol):
     """What the formatters read: a live Submission or a finished beam search result."""
 
     request_ids: list[str]
+    response_id: str
     arrival: float
 
     def chunks(self) -> AsyncIterator[wire.TextChunk]: ...

@@ -68,7 +68,7 @@ async def _complete(parsed: ParsedRequest, sub: ChunkSource) -> web.Response:
             item["prompt_token_ids"] = usage.prompt_token_ids.get(sub.request_ids[i // n])
             item["completion_token_ids"] = c.token_ids
         out.append(item)
-    body = {"id": sub.request_ids[0], "object": "text_completion", "created": now(), "model": parsed.model,
+    body = {"id": sub.response_id, "object": "text_completion", "created": now(), "model": parsed.model,
             "choices": out, "usage": usage.usage()}
     return web.json_response(body)
 
@@ -77,7 +77,7 @@ async def _stream(request: web.Request, parsed: ParsedRequest, sub: ChunkSource)
     chunks = await peek_first(sub.chunks())
     sse = SseWriter(request)
     await sse.start()
-    rid, created, n = sub.request_ids[0], now(), parsed.params.n
+    rid, created, n = sub.response_id, now(), parsed.params.n
     usage = UsageTracker()
     try:
         async for chunk in chunks:
