@@ -1,5 +1,6 @@
 // Linear layers y = x @ W (+ bias) with pre-packed fp32, bf16 or weight-only 8-bit weights, as a
-// Paddle custom operator (fd_linear) for CPUs with AVX-512.
+// Paddle custom operator (fd_linear) for CPUs with AVX-512, or AVX2 + FMA (linear_kernels.h has
+// both sets of micro-kernels; the build's -march=native picks one).
 //
 // Packed weight layout (built once in Python, fastdeploy/model_executor/layers/linear.py): W [K, N]
 // is cut into panels of kPanel = 32 output columns (the last one zero-padded). Each panel is one
@@ -11,8 +12,9 @@
 //   u8   : per group of G rows along K: uint8 [G/4][32][4] (k-quads, the operand layout of
 //          vpdpbusd), float scale[32], float zero[32]; w = u * scale + zero.
 //
-// A micro-kernel computes a tile of up to 12 rows (4 for VNNI) x 32 columns with its accumulators
-// in registers over the K range it is given. Paths:
+// A micro-kernel computes a tile of up to kMaxRows rows (12 with AVX-512, 4 for VNNI; 3 with
+// AVX2) x 32 columns with its accumulators in registers over the K range it is given. Paths (the
+// bf16-dot and VNNI ones need AVX-512; on AVX2 those requests compute in fp32):
 //   - u8 with AVX512-VNNI (the default): activations quantized per row and group to 16 bits and
 //     multiplied with vpdpbusd at every M: exact integer sums, about fp32's accuracy, the multiply
 //     rate of vdpbf16ps, and at M = 1 three times fewer instructions than dequantizing to fp32.
@@ -27,21 +29,19 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <utility>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "linear.h"
+#include "linear_kernels.h"
 #include "paddle/extension.h"
 
-#ifdef __AVX512F__
-#include "linear_kernels.h"
+#if FD_LINEAR_SIMD
 
 namespace fd_linear {
 
@@ -109,13 +109,13 @@ struct Tile {
   bool stream;
   float* c;
   const float* bias;
-  __mmask16 m0, m1;
+  int cols;  // of the panel that exist (the last panel may be narrower than kPanel)
   bool accumulate;
 };
 
 template <int MR>
 void RunTile(Kernel kernel, const Problem& p, const Tile& t) {
-  __m512 acc[MR][2];
+  TileAcc<MR> acc;
   const float* a = p.x + t.row * p.k + t.k0;
   Prefetcher pf = t.prefetch;
   switch (kernel) {
@@ -148,13 +148,17 @@ void RunTile(Kernel kernel, const Problem& p, const Tile& t) {
 #endif
       break;
   }
-  StoreTile<MR>(acc, t.c, p.n, t.bias, t.m0, t.m1, t.accumulate, t.stream);
+  StoreTile<MR>(acc, t.c, p.n, t.bias, t.cols, t.accumulate, t.stream);
 }
 
 using TileFn = void (*)(Kernel, const Problem&, const Tile&);
-constexpr TileFn kTileFns[kMaxRows + 1] = {nullptr,      RunTile<1>, RunTile<2>,  RunTile<3>, RunTile<4>,
-                                           RunTile<5>,  RunTile<6>, RunTile<7>,  RunTile<8>, RunTile<9>,
-                                           RunTile<10>, RunTile<11>, RunTile<12>};
+
+template <size_t... R>
+constexpr std::array<TileFn, kMaxRows + 1> MakeTileFns(std::index_sequence<R...>) {
+  return {nullptr, RunTile<static_cast<int>(R) + 1>...};
+}
+// kTileFns[rows] runs a tile of that many rows (1..kMaxRows).
+constexpr std::array<TileFn, kMaxRows + 1> kTileFns = MakeTileFns(std::make_index_sequence<kMaxRows>());
 
 // Per-thread slice buffers (256 KB each), reused across calls (OpenMP keeps its workers alive).
 struct Scratch {
@@ -236,13 +240,16 @@ void RunPanel(const Problem& p, Kernel kernel, const void* b, const char* next, 
   t.kc = kc;
   t.b = b;
   t.bias = last_k && p.bias != nullptr ? p.bias + col : nullptr;
-  t.m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
-  t.m1 = static_cast<__mmask16>(cols <= 16 ? 0u : cols >= 32 ? 0xFFFFu : (1u << (cols - 16)) - 1u);
+  t.cols = static_cast<int>(cols);
   t.accumulate = k0 > 0;
   t.stream = p.stream_output && last_k && cols == kPanel;
   // The row tiles share the prefetch of the next slice, so the requests are spread over the
   // whole panel instead of flooding the miss buffers during the first tile.
+#ifdef __AVX512VNNI__
   const int64_t tile_rows = kernel == Kernel::kU8Vnni ? kMaxVnniRows : kMaxRows;
+#else
+  const int64_t tile_rows = kMaxRows;
+#endif
   const int64_t tiles = (me - mb + tile_rows - 1) / tile_rows;
   const int64_t slice_bytes = PanelRowBytes(p.format, kc, p.group);
   const int64_t share = next != nullptr ? (slice_bytes + tiles * 64 - 1) / (tiles * 64) * 64 : 0;
@@ -336,10 +343,12 @@ void RoundToBF16(const float* x, int64_t m, int64_t k, uint16_t* out, int num_th
 #endif
 
 }  // namespace fd_linear
-#endif  // __AVX512F__
+#endif  // FD_LINEAR_SIMD
 
 namespace {
 
+// Some kernel set was built: AVX-512, or AVX2 + FMA (linear_kernels.h).
+constexpr bool kHaveKernels = FD_LINEAR_SIMD != 0;
 constexpr bool kHaveAvx512 =
 #ifdef __AVX512F__
     true;
@@ -363,7 +372,8 @@ paddle::Tensor Contiguous(const paddle::Tensor& t) { return t.is_contiguous() ? 
 
 void CheckInputs(const paddle::Tensor& x, const paddle::Tensor& packed_w, const paddle::Tensor& bias,
                  const fd_linear::LinearArgs& args) {
-  PD_CHECK(kHaveAvx512, "fd_linear needs a CPU with AVX-512 (built without it); use the reference path");
+  PD_CHECK(kHaveKernels, "fd_linear needs a CPU with AVX-512 or AVX2 + FMA (built without both); use the "
+           "reference path");
   PD_CHECK(x.is_cpu() && packed_w.is_cpu() && bias.is_cpu(), "fd_linear inputs must be CPU tensors");
   PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, "x must be float32");
   PD_CHECK(packed_w.dtype() == paddle::DataType::UINT8, "packed weights must be uint8 bytes");
@@ -380,7 +390,7 @@ void CheckInputs(const paddle::Tensor& x, const paddle::Tensor& packed_w, const 
   PD_CHECK(bias.numel() == 0 || bias.numel() == args.n, "bias must have N or 0 elements");
 }
 
-#ifdef __AVX512F__
+#if FD_LINEAR_SIMD
 // The per-call copies of the activations some paths read: 16-bit x for vpdpbusd, bf16-rounded x
 // for vdpbf16ps, or the per-group sums of x for the zero points of the few-row 8-bit kernel.
 void PrepareActivations(fd_linear::Problem& p, int bf16_dot_min_rows, bool vnni, int num_threads) {
@@ -440,7 +450,7 @@ paddle::Tensor fd_linear::Forward(const paddle::Tensor& x, const paddle::Tensor&
   const int64_t k = x.shape()[1];
   paddle::Tensor y = paddle::empty({m, args.n}, paddle::DataType::FLOAT32, x.place());
   if (m == 0) return y;
-#ifdef __AVX512F__
+#if FD_LINEAR_SIMD
   Problem p;
   p.m = m;
   p.k = k;
@@ -491,11 +501,12 @@ std::vector<paddle::DataType> LinearInferDtype(const paddle::DataType&, const pa
   return {paddle::DataType::FLOAT32};
 }
 
-// fd_linear_caps(any) -> int32 [3]: {AVX-512 kernels built, vdpbf16ps kernels built, vpdpbusd
+// fd_linear_caps(any) -> int32 [3]: {vector width in bits of the kernels built (512 for AVX-512,
+// 256 for AVX2 + FMA, 0 = none: fd_linear would refuse), vdpbf16ps kernels built, vpdpbusd
 // kernels built}.
 std::vector<paddle::Tensor> LinearCapsKernel(const paddle::Tensor& probe) {
   paddle::Tensor caps = paddle::empty({3}, paddle::DataType::INT32, paddle::CPUPlace());
-  caps.data<int32_t>()[0] = kHaveAvx512 ? 1 : 0;
+  caps.data<int32_t>()[0] = kHaveAvx512 ? 512 : kHaveKernels ? 256 : 0;
   caps.data<int32_t>()[1] = kHaveBF16Dot ? 1 : 0;
   caps.data<int32_t>()[2] = kHaveVnni ? 1 : 0;
   return {caps};

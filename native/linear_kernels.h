@@ -1,17 +1,44 @@
-// AVX-512 micro-kernels of fd_linear (linear.cc): y tiles of up to 12 rows x one 32-column panel
-// of packed weights (layouts in linear.cc), plus the conversions they need (8-bit and bf16
-// dequantization, bf16 rounding, 16-bit activation quantization). Each Tile* function leaves the
-// tile's accumulators in registers for StoreTile. Only for builds targeting AVX-512F.
+// Micro-kernels of fd_linear (linear.cc): y tiles of a few rows x one 32-column panel of packed
+// weights (layouts in linear.cc), plus the conversions they need (8-bit and bf16 dequantization,
+// bf16 rounding, 16-bit activation quantization). Each Tile* function leaves the tile's
+// accumulators in registers for StoreTile. Two instruction sets, chosen at compile time
+// (-march=native): AVX-512F (with the AVX512-BF16 / AVX512-VNNI variants where built), else AVX2 +
+// FMA, whose kernels have the same names and do the same arithmetic on 8-lane vectors, so linear.cc
+// drives both alike. FD_LINEAR_SIMD says whether either set is built (0: no kernels at all).
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define FD_LINEAR_SIMD 1
+#else
+#define FD_LINEAR_SIMD 0
+#endif
+
 namespace fd_linear {
 
-constexpr int kPanel = 32;   // output columns per packed panel (two zmm of fp32)
+constexpr int kPanel = 32;  // output columns per packed panel (two zmm or four ymm of fp32)
+
+// Software prefetch of the next panel slice, a few lines per k step of the current one. The
+// hardware prefetchers stop at 4 KB page boundaries and a slice spans 6 to 50 of them; without this,
+// a kernel that dequantizes a panel, or a tile that starts on a new one, stalls on DRAM latency.
+struct Prefetcher {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  inline void Step(int lines) {
+    for (int i = 0; i < lines && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T0);
+  }
+};
+
+// 8-bit panels: per group of G rows, u8 [G/4][32][4], then float scale[32], then float zero[32].
+inline int64_t U8GroupBytes(int group) { return static_cast<int64_t>(group) * kPanel + kPanel * 8; }
+
+#ifdef __AVX512F__
 constexpr int kMaxRows = 12;  // rows per micro-tile: 24 accumulators + operands fit in 32 zmm
+template <int MR>
+using TileAcc = __m512[MR][2];  // the accumulators of a tile of MR rows x 32 columns
 // Rows per TileU8Vnni tile: its hi and lo sums of 2 column blocks plus the fp32 tile take 6 zmm
 // per row.
 constexpr int kMaxVnniRows = 4;
@@ -50,13 +77,15 @@ inline void FmaRow(__m512 (&acc)[MR][2], const float* a, int64_t lda, int64_t k,
   }
 }
 
-// Writes the tile to c (row stride ldc), adding the bias (per column, may be null) and, when
-// `accumulate`, what c already holds (the partial sum of earlier K blocks). Masks cover a last
-// panel narrower than 32 columns. `stream` (full, 64-byte aligned panels only) writes around the
-// caches: see Problem::stream_output.
+// Writes the first `cols` columns of the tile to c (row stride ldc), adding the bias (per column,
+// may be null) and, when `accumulate`, what c already holds (the partial sum of earlier K blocks).
+// Masks cover a last panel narrower than 32 columns. `stream` (full, 64-byte aligned panels only)
+// writes around the caches: see Problem::stream_output.
 template <int MR>
-inline void StoreTile(const __m512 (&acc)[MR][2], float* c, int64_t ldc, const float* bias, __mmask16 m0,
-                      __mmask16 m1, bool accumulate, bool stream) {
+inline void StoreTile(const __m512 (&acc)[MR][2], float* c, int64_t ldc, const float* bias, int cols,
+                      bool accumulate, bool stream) {
+  const auto m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+  const auto m1 = static_cast<__mmask16>(cols <= 16 ? 0u : cols >= 32 ? 0xFFFFu : (1u << (cols - 16)) - 1u);
   __m512 bias0 = _mm512_setzero_ps();
   __m512 bias1 = _mm512_setzero_ps();
   if (bias != nullptr) {
@@ -81,17 +110,6 @@ inline void StoreTile(const __m512 (&acc)[MR][2], float* c, int64_t ldc, const f
     }
   }
 }
-
-// Software prefetch of the next panel slice, a few lines per k step of the current one. The
-// hardware prefetchers stop at 4 KB page boundaries and a slice spans 6 to 50 of them; without this,
-// a kernel that dequantizes a panel, or a tile that starts on a new one, stalls on DRAM latency.
-struct Prefetcher {
-  const char* next = nullptr;
-  const char* end = nullptr;
-  inline void Step(int lines) {
-    for (int i = 0; i < lines && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T0);
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // fp32 activations x fp32 panel [kc][32] (packed weights, or a panel dequantized into a buffer).
@@ -153,7 +171,7 @@ inline void TileBF16Widen(const float* a, int64_t lda, const uint16_t* b, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
-// 8-bit panels: w = u * scale + zero, with one (scale, zero) per group of G rows (G % 4 == 0) and
+// 8-bit panels (U8GroupBytes): w = u * scale + zero, with one (scale, zero) per group of G rows (G % 4 == 0) and
 // column. The affine form holds both the symmetric grid of Q8_0 (zero = -128 scale) and the
 // min-based grid of Q4_0/Q4_1/Q5_x, so requantizing a GGUF block of 32 onto it is exact (the
 // Python quantizer picks the grid per group). Within a group the bytes come in k-quads,
@@ -161,9 +179,6 @@ inline void TileBF16Widen(const float* a, int64_t lda, const uint16_t* b, int64_
 // being (k + j, column c). That is the operand layout of vpdpbusd, and the fp32 paths take
 // row k + j out of it with a shift and a mask. `b` points at the first group of the K range; kc
 // is a multiple of the group size.
-
-// u8 [G/4][32][4], then float scale[32], then float zero[32].
-inline int64_t U8GroupBytes(int group) { return static_cast<int64_t>(group) * kPanel + kPanel * 8; }
 
 // Row k + j (j = 0..3) of a 64-byte k-quad block of 16 columns, as 16 fp32.
 template <int J>
@@ -464,5 +479,351 @@ inline void RoundRowToBF16(const float* x, int64_t n, uint16_t* out) {
   }
 }
 #endif  // __AVX512BF16__
+
+#elif FD_LINEAR_SIMD  // AVX2 + FMA
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA (Zen 1-3, Haswell and later without AVX-512): a panel row is four ymm of fp32 and
+// there are 16 ymm registers. Same packed layouts and the same arithmetic as the AVX-512 kernels
+// (each output is the same fp32 sums, in a different order), no bf16-dot or VNNI variants.
+
+// Rows per micro-tile: 3 x 4 = 12 accumulators, leaving four registers for the broadcast
+// activation and the (converted) weights; 4 rows would need all 16 for accumulators. The fp32 FMAs
+// take their weights as memory operands: per k, 4 panel loads and 3 broadcasts feed 12 FMAs.
+constexpr int kMaxRows = 3;
+constexpr int kVecs = kPanel / 8;  // ymm per panel row
+template <int MR>
+using TileAcc = __m256[MR][kVecs];
+
+// Zen 3 has two FMA pipes of latency 4: 8 independent accumulators keep them busy. A one-row tile
+// has 4, so it keeps a second set for odd k; two rows already have 8.
+template <int MR>
+constexpr bool kSplitK = MR <= 1;
+
+// Every loop over an accumulator tile is fully unrolled (#pragma GCC unroll), including the rare
+// StorePartialTile: one index into acc that is not a compile-time constant makes GCC keep the whole
+// tile in memory and store it back on every k step (measured on Zen 3: 3-row fp32 tiles ran at
+// about half speed).
+
+template <int MR>
+inline void ZeroTile(__m256 (&acc)[MR][kVecs]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) acc[r][j] = _mm256_setzero_ps();
+  }
+}
+
+template <int MR>
+inline void AddTile(__m256 (&acc)[MR][kVecs], const __m256 (&other)[MR][kVecs]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) acc[r][j] = _mm256_add_ps(acc[r][j], other[r][j]);
+  }
+}
+
+// acc[r] += x[r] * b for one k (b: one panel row of 32 fp32).
+template <int MR>
+inline void FmaRow(__m256 (&acc)[MR][kVecs], const float* a, int64_t lda, int64_t k, const __m256 (&b)[kVecs]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) acc[r][j] = _mm256_fmadd_ps(av, b[j], acc[r][j]);
+  }
+}
+
+inline void LoadRowF32(const float* bk, __m256 (&b)[kVecs]) {
+#pragma GCC unroll 4
+  for (int j = 0; j < kVecs; ++j) b[j] = _mm256_loadu_ps(bk + 8 * j);
+}
+
+inline void StoreRowF32(float* out, const __m256 (&b)[kVecs]) {
+#pragma GCC unroll 4
+  for (int j = 0; j < kVecs; ++j) _mm256_storeu_ps(out + 8 * j, b[j]);
+}
+
+// A last panel narrower than 32 columns (rare: N % 32 != 0), through a buffer, column by column,
+// with the additions in StoreTile's order.
+template <int MR>
+inline void StorePartialTile(const __m256 (&acc)[MR][kVecs], float* c, int64_t ldc, const float* bias, int cols,
+                             bool accumulate) {
+  alignas(32) float tile[kPanel];
+  // Unrolled, so that acc is indexed by constants only and stays in registers in the kernels.
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) _mm256_store_ps(tile + 8 * j, acc[r][j]);
+    float* row = c + r * ldc;
+    for (int col = 0; col < cols; ++col) {
+      float v = tile[col] + (bias != nullptr ? bias[col] : 0.f);
+      row[col] = accumulate ? v + row[col] : v;
+    }
+  }
+}
+
+// Writes the first `cols` columns of the tile to c (row stride ldc), adding the bias (per column,
+// may be null) and, when `accumulate`, what c already holds (the partial sum of earlier K blocks).
+// `stream` (full, 64-byte aligned panels only) writes around the caches: see Problem::stream_output.
+template <int MR>
+inline void StoreTile(const __m256 (&acc)[MR][kVecs], float* c, int64_t ldc, const float* bias, int cols,
+                      bool accumulate, bool stream) {
+  if (cols < kPanel) {
+    StorePartialTile<MR>(acc, c, ldc, bias, cols, accumulate);
+    return;
+  }
+  __m256 bv[kVecs];
+#pragma GCC unroll 4
+  for (int j = 0; j < kVecs; ++j) bv[j] = bias != nullptr ? _mm256_loadu_ps(bias + 8 * j) : _mm256_setzero_ps();
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    float* row = c + r * ldc;
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) {
+      __m256 v = _mm256_add_ps(acc[r][j], bv[j]);
+      if (accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(row + 8 * j));
+      if (stream) {
+        _mm256_stream_ps(row + 8 * j, v);
+      } else {
+        _mm256_storeu_ps(row + 8 * j, v);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 activations x fp32 panel [kc][32].
+
+template <int MR>
+inline void TileF32(const float* a, int64_t lda, const float* b, int64_t kc, Prefetcher& pf,
+                    __m256 (&acc)[MR][kVecs]) {
+  ZeroTile(acc);
+  __m256 w[kVecs];
+  int64_t k = 0;
+  if constexpr (kSplitK<MR>) {
+    __m256 odd[MR][kVecs];
+    ZeroTile(odd);
+    for (; k + 1 < kc; k += 2) {
+      pf.Step(4);
+      LoadRowF32(b + k * kPanel, w);
+      FmaRow<MR>(acc, a, lda, k, w);
+      LoadRowF32(b + (k + 1) * kPanel, w);
+      FmaRow<MR>(odd, a, lda, k + 1, w);
+    }
+    AddTile(acc, odd);
+  }
+  for (; k < kc; ++k) {
+    pf.Step(2);
+    LoadRowF32(b + k * kPanel, w);
+    FmaRow<MR>(acc, a, lda, k, w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 activations x bf16 panel [kc/2][32][2] (kc even). A 32-bit lane holds the (k, k+1) pair of
+// one column; a bf16 is the top half of an fp32, so k becomes fp32 by a left shift of the lane and
+// k+1 by masking off its low half: exact, one integer op per 8 weights.
+
+inline void WidenPairs(const uint16_t* bk, __m256 (&even)[kVecs], __m256 (&odd)[kVecs]) {
+  const __m256i high_mask = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+#pragma GCC unroll 4
+  for (int j = 0; j < kVecs; ++j) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bk + 16 * j));
+    even[j] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    odd[j] = _mm256_castsi256_ps(_mm256_and_si256(pairs, high_mask));
+  }
+}
+
+template <int MR>
+inline void TileBF16Widen(const float* a, int64_t lda, const uint16_t* b, int64_t kc, Prefetcher& pf,
+                          __m256 (&acc)[MR][kVecs]) {
+  ZeroTile(acc);
+  __m256 w_even[kVecs];
+  __m256 w_odd[kVecs];
+  if constexpr (kSplitK<MR>) {
+    __m256 odd[MR][kVecs];
+    ZeroTile(odd);
+    for (int64_t k = 0; k < kc; k += 2) {
+      pf.Step(2);  // a k-pair is 128 bytes
+      WidenPairs(b + k * kPanel, w_even, w_odd);
+      FmaRow<MR>(acc, a, lda, k, w_even);
+      FmaRow<MR>(odd, a, lda, k + 1, w_odd);
+    }
+    AddTile(acc, odd);
+  } else {
+    for (int64_t k = 0; k < kc; k += 2) {
+      pf.Step(2);
+      WidenPairs(b + k * kPanel, w_even, w_odd);
+      FmaRow<MR>(acc, a, lda, k, w_even);
+      FmaRow<MR>(acc, a, lda, k + 1, w_odd);
+    }
+  }
+}
+
+inline void WidenBF16ToF32(const uint16_t* b, int64_t kc, float* out) {
+  __m256 even[kVecs];
+  __m256 odd[kVecs];
+  for (int64_t k = 0; k < kc; k += 2) {
+    WidenPairs(b + k * kPanel, even, odd);
+    StoreRowF32(out + k * kPanel, even);
+    StoreRowF32(out + (k + 1) * kPanel, odd);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8-bit panels (U8GroupBytes): a k-quad of 32 columns is 128 bytes, four ymm of 8 columns each,
+// byte j of 32-bit lane c being (k + j, column c); row k + j comes out with a shift and a mask.
+
+template <int J>
+inline __m256 QuadRowAsF32(__m256i quad) {
+  __m256i v = quad;
+  if constexpr (J > 0) v = _mm256_srli_epi32(v, 8 * J);
+  if constexpr (J < 3) v = _mm256_and_si256(v, _mm256_set1_epi32(0xFF));
+  return _mm256_cvtepi32_ps(v);
+}
+
+inline void LoadQuads(const uint8_t* q, __m256i (&quads)[kVecs]) {
+#pragma GCC unroll 4
+  for (int j = 0; j < kVecs; ++j) quads[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j));
+}
+
+// Row k + J of the k-quad as float(u) (no scale and zero).
+template <int J>
+inline void QuadRow(const __m256i (&quads)[kVecs], __m256 (&w)[kVecs]) {
+#pragma GCC unroll 4
+  for (int j = 0; j < kVecs; ++j) w[j] = QuadRowAsF32<J>(quads[j]);
+}
+
+// Row k + J of the k-quad dequantized: u * scale + zero, one FMA (as the reference rounds it).
+template <int J>
+inline void QuadRowDequant(const __m256i (&quads)[kVecs], const __m256 (&s)[kVecs], const __m256 (&z)[kVecs],
+                           __m256 (&w)[kVecs]) {
+#pragma GCC unroll 4
+  for (int j = 0; j < kVecs; ++j) w[j] = _mm256_fmadd_ps(QuadRowAsF32<J>(quads[j]), s[j], z[j]);
+}
+
+inline void LoadScaleZero(const uint8_t* group_start, int group, __m256 (&s)[kVecs], __m256 (&z)[kVecs]) {
+  const float* scale = reinterpret_cast<const float*>(group_start + static_cast<int64_t>(group) * kPanel);
+#pragma GCC unroll 4
+  for (int j = 0; j < kVecs; ++j) {
+    s[j] = _mm256_loadu_ps(scale + 8 * j);
+    z[j] = _mm256_loadu_ps(scale + kPanel + 8 * j);
+  }
+}
+
+// even += x * float(u) for k = g0, g0 + 2, ... of one group, odd += the same for g0 + 1, g0 + 3, ...
+template <int MR>
+inline void QuadsTimesX(const float* a, int64_t lda, const uint8_t* b, int64_t g0, int group, Prefetcher& pf,
+                        __m256 (&even)[MR][kVecs], __m256 (&odd)[MR][kVecs]) {
+  __m256i quads[kVecs];
+  __m256 w[kVecs];
+  for (int kq = 0; kq < group; kq += 4) {
+    pf.Step(2);  // a k-quad is 128 bytes
+    LoadQuads(b + kq * kPanel, quads);
+    const int64_t k = g0 + kq;
+    QuadRow<0>(quads, w);
+    FmaRow<MR>(even, a, lda, k, w);
+    QuadRow<1>(quads, w);
+    FmaRow<MR>(odd, a, lda, k + 1, w);
+    QuadRow<2>(quads, w);
+    FmaRow<MR>(even, a, lda, k + 2, w);
+    QuadRow<3>(quads, w);
+    FmaRow<MR>(odd, a, lda, k + 3, w);
+  }
+}
+
+// One group of a tile with few rows, where the conversion dominates: each row accumulates
+// x * float(u) over the group and the affine map is applied once at its end,
+//   acc += partial * scale + sum(x over the group) * zero   (the sums precomputed in xsum_g).
+template <int MR>
+inline void GroupU8Partial(const float* a, int64_t lda, const uint8_t* b, int64_t g0, int group,
+                           const float* xsum_g, int64_t xsum_ld, Prefetcher& pf, __m256 (&acc)[MR][kVecs]) {
+  __m256 part[MR][kVecs];
+  ZeroTile(part);
+  if constexpr (kSplitK<MR>) {
+    __m256 odd[MR][kVecs];
+    ZeroTile(odd);
+    QuadsTimesX<MR>(a, lda, b, g0, group, pf, part, odd);
+    AddTile(part, odd);
+  } else {
+    QuadsTimesX<MR>(a, lda, b, g0, group, pf, part, part);
+  }
+  __m256 s[kVecs];
+  __m256 z[kVecs];
+  LoadScaleZero(b, group, s, z);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m256 xs = _mm256_set1_ps(xsum_g[r * xsum_ld]);
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) acc[r][j] = _mm256_fmadd_ps(part[r][j], s[j], _mm256_fmadd_ps(xs, z[j], acc[r][j]));
+  }
+}
+
+// One group of a tile with more rows: per-group partial sums would not fit in the registers, and
+// the dequantized weights w = u * scale + zero are shared by all rows.
+template <int MR>
+inline void GroupU8Dequant(const float* a, int64_t lda, const uint8_t* b, int64_t g0, int group, Prefetcher& pf,
+                           __m256 (&acc)[MR][kVecs]) {
+  __m256 s[kVecs];
+  __m256 z[kVecs];
+  LoadScaleZero(b, group, s, z);
+  __m256i quads[kVecs];
+  __m256 w[kVecs];
+  for (int kq = 0; kq < group; kq += 4) {
+    pf.Step(2);
+    LoadQuads(b + kq * kPanel, quads);
+    const int64_t k = g0 + kq;
+    QuadRowDequant<0>(quads, s, z, w);
+    FmaRow<MR>(acc, a, lda, k, w);
+    QuadRowDequant<1>(quads, s, z, w);
+    FmaRow<MR>(acc, a, lda, k + 1, w);
+    QuadRowDequant<2>(quads, s, z, w);
+    FmaRow<MR>(acc, a, lda, k + 2, w);
+    QuadRowDequant<3>(quads, s, z, w);
+    FmaRow<MR>(acc, a, lda, k + 3, w);
+  }
+}
+
+// fp32 activations x 8-bit panel, dequantized in registers (kc a multiple of the group; xsum:
+// per row and group sums of x, row stride xsum_ld, used by the few-row form).
+template <int MR>
+inline void TileU8(const float* a, int64_t lda, const uint8_t* b, int64_t kc, int group, const float* xsum,
+                   int64_t xsum_ld, Prefetcher& pf, __m256 (&acc)[MR][kVecs]) {
+  ZeroTile(acc);
+  const int64_t group_bytes = U8GroupBytes(group);
+  for (int64_t g0 = 0, g = 0; g0 < kc; g0 += group, ++g, b += group_bytes) {
+    if constexpr (MR <= 2) {
+      GroupU8Partial<MR>(a, lda, b, g0, group, xsum + g, xsum_ld, pf, acc);
+    } else {
+      GroupU8Dequant<MR>(a, lda, b, g0, group, pf, acc);
+    }
+  }
+}
+
+// Dequantizes kc rows of an 8-bit panel into fp32 [kc][32] (the many-row path, see the AVX-512
+// version).
+inline void DequantU8ToF32(const uint8_t* b, int64_t kc, int group, float* out) {
+  const int64_t group_bytes = U8GroupBytes(group);
+  __m256 s[kVecs];
+  __m256 z[kVecs];
+  __m256i quads[kVecs];
+  __m256 w[kVecs];
+  for (int64_t g0 = 0; g0 < kc; g0 += group, b += group_bytes) {
+    LoadScaleZero(b, group, s, z);
+    for (int kq = 0; kq < group; kq += 4) {
+      LoadQuads(b + kq * kPanel, quads);
+      float* o = out + (g0 + kq) * kPanel;
+      QuadRowDequant<0>(quads, s, z, w);
+      StoreRowF32(o, w);
+      QuadRowDequant<1>(quads, s, z, w);
+      StoreRowF32(o + kPanel, w);
+      QuadRowDequant<2>(quads, s, z, w);
+      StoreRowF32(o + 2 * kPanel, w);
+      QuadRowDequant<3>(quads, s, z, w);
+      StoreRowF32(o + 3 * kPanel, w);
+    }
+  }
+}
+#endif  // __AVX512F__, FD_LINEAR_SIMD
 
 }  // namespace fd_linear

@@ -23,6 +23,7 @@
 #endif
 
 #include "linear.h"
+#include "norm.h"
 #include "paddle/extension.h"
 
 namespace {
@@ -214,6 +215,13 @@ std::vector<std::vector<int64_t>> SiluMulInferShape(const std::vector<int64_t>& 
 std::vector<paddle::DataType> SiluMulInferDtype(const paddle::DataType&) { return {paddle::DataType::FLOAT32}; }
 
 }  // namespace
+
+std::vector<paddle::Tensor> fd_norm::RmsNorm(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                             const paddle::Tensor& residual, float eps, int num_threads) {
+  return ::RmsNorm(x, weight, residual, eps, num_threads);
+}
+
+paddle::Tensor fd_norm::SiluMul(const paddle::Tensor& x, int num_threads) { return SiluMulKernel(x, num_threads)[0]; }
 
 PD_BUILD_OP(fd_rms_norm)
     .Inputs({"X", "Weight", "Residual"})

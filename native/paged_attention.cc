@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #endif
 
+#include "attention.h"
 #include "paddle/extension.h"
 
 // libiomp5's spin-wait control (see LimitSpinWait); weak, so under another runtime it is null.
@@ -565,6 +566,15 @@ std::vector<paddle::DataType> PagedAttentionInferDtype(const paddle::DataType& q
 }
 
 }  // namespace
+
+paddle::Tensor fd_attention::PagedAttention(const paddle::Tensor& query, const paddle::Tensor& key_cache,
+                                            const paddle::Tensor& value_cache, const paddle::Tensor& block_tables,
+                                            const paddle::Tensor& context_lens,
+                                            const paddle::Tensor& query_start_loc, float scale, int impl,
+                                            int num_threads) {
+  return PagedAttentionKernel(query, key_cache, value_cache, block_tables, context_lens, query_start_loc, scale,
+                              impl, num_threads)[0];
+}
 
 PD_BUILD_OP(fd_paged_attention)
     .Inputs({"Query", "KeyCache", "ValueCache", "BlockTables", "ContextLens", "QueryStartLoc"})

@@ -57,7 +57,9 @@ def time_call(fn: Callable[[], paddle.Tensor], min_time: float) -> float:
 
 def bench(rows: list[int], shapes: list[str], min_time: float) -> None:
     rng = np.random.default_rng(0)
-    print(f"backend={L.linear_backend_name()} threads={L.native_num_threads()} "
+    backend = L.linear_backend_name()
+    isa = f" ({L.native_isa()} kernels)" if backend == L.NATIVE else ""
+    print(f"backend={backend}{isa} threads={L.native_num_threads()} "
           f"bf16_dot_min_rows={L.DEFAULT_BF16_DOT_MIN_ROWS} int8 group={L.DEFAULT_GROUP_SIZE}")
     header = f"{'shape':>8} {'M':>5} | {'paddle fp32':>22} | " + " | ".join(f"{m:>28}" for m in MODES)
     print(header)

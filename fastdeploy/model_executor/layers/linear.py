@@ -16,9 +16,11 @@ Quantization (the same values on both backends, so they differ only by summation
   rounding); for other weights the error is at most half a step, ``(max - min) / 510``.
 
 Backends (``FASTDEPLOY_LINEAR_BACKEND`` = ``native`` | ``reference``; unset = native when the C++
-extension builds and the CPU has AVX-512, else the reference with one warning):
+extension builds and the CPU has AVX-512 or AVX2 + FMA, else the reference with one warning):
 
-- native: ``native/linear.cc`` (``fd_linear``), weights pre-packed into 32-column panels.
+- native: ``native/linear.cc`` (``fd_linear``), weights pre-packed into 32-column panels, one
+  packed layout for both kernel sets (AVX-512, or AVX2 + FMA: same arithmetic on 8-lane vectors,
+  without the VNNI and bf16-dot variants below, whose requests then compute in fp32).
   wint8 weights multiply 16-bit fixed-point activations (one step per row and group, so at most
   1/65278 of the group's largest activation off) with AVX512-VNNI (``vpdpbusd``) at every M:
   exact integer sums, the multiply rate of bf16, about fp32's accuracy. fp32 and bf16 weights (and
@@ -48,7 +50,8 @@ from types import ModuleType
 import numpy as np
 import paddle
 
-from fastdeploy.model_executor.ops.native_build import NativeBuildError, load_extension, native_num_threads
+from fastdeploy.model_executor.ops import native_build
+from fastdeploy.model_executor.ops.native_build import NativeBuildError, native_num_threads
 
 logger = logging.getLogger("fastdeploy")
 
@@ -58,11 +61,9 @@ NATIVE = "native"
 REFERENCE = "reference"
 QUANT_MODES = ("none", "bf16", "wint8")
 
-EXTENSION_NAME = "fastdeploy_linear_ops"
-EXTENSION_SOURCES = ("linear.cc", "norm.cc")
 
 PANEL = 32
-"""Output columns per packed panel (two AVX-512 registers of fp32); see native/linear.cc."""
+"""Output columns per packed panel (two AVX-512 or four AVX2 registers of fp32); see native/linear.cc."""
 DEFAULT_GROUP_SIZE = 32
 """wint8 group along K: GGUF's block size, so GGUF weights requantize exactly. The fp32 scale and
 zero cost 0.25 byte per weight; 64 halves that at the price of exactness (scripts/bench_linear.py
@@ -86,15 +87,27 @@ def _require_native() -> bool:
 
 def native_ops() -> ModuleType:
     """The compiled extension (built on first use); raises NativeBuildError if unavailable."""
-    return load_extension(EXTENSION_NAME, EXTENSION_SOURCES)
+    return native_build.native_ops()
+
+
+def _probe_caps() -> tuple[int, int, int]:
+    """fd_linear_caps as built: (vector bits of the kernels: 512, 256 or 0; bf16 dot; VNNI)."""
+    caps = native_ops().fd_linear_caps(paddle.zeros([1], dtype="float32")).numpy()
+    return int(caps[0]), int(caps[1]), int(caps[2])
 
 
 @functools.cache
 def native_caps() -> tuple[bool, bool, bool]:
-    """(AVX-512 kernels, vdpbf16ps kernels, vpdpbusd kernels) available; raises NativeBuildError if
-    the extension cannot be built."""
-    caps = native_ops().fd_linear_caps(paddle.zeros([1], dtype="float32")).numpy()
-    return bool(caps[0]), bool(caps[1]), bool(caps[2])
+    """(fd_linear kernels built: AVX-512 or AVX2 + FMA; vdpbf16ps kernels; vpdpbusd kernels), the
+    last two AVX-512 only. Raises NativeBuildError if the extension cannot be built."""
+    kernels, bf16_dot, vnni = _probe_caps()
+    return bool(kernels), bool(bf16_dot), bool(vnni)
+
+
+def native_isa() -> str:
+    """The instruction set of the fd_linear kernels built: ``avx512``, ``avx2`` (AVX2 + FMA) or
+    ``none``. Raises NativeBuildError if the extension cannot be built."""
+    return {512: "avx512", 256: "avx2"}.get(_probe_caps()[0], "none")
 
 
 MALLOC_TUNING_ENV = "FASTDEPLOY_MALLOC_TUNING"
@@ -131,14 +144,20 @@ def linear_backend_name() -> str:
     if not requested and not paddle.get_device().startswith("cpu"):
         return REFERENCE  # the native kernels are CPU kernels; device tensors take the reference path
     try:
-        avx512 = native_caps()[0]
-        if not avx512:
-            raise NativeBuildError("the extension was built without AVX-512 (this CPU lacks it)")
+        have_kernels = native_caps()[0]
     except NativeBuildError as exc:
         if requested == NATIVE or _require_native():
             raise
         logger.warning("Native linear ops unavailable, using the plain-Paddle reference: %s",
                        str(exc).splitlines()[0])
+        return REFERENCE
+    if not have_kernels:
+        # The build worked (FASTDEPLOY_REQUIRE_NATIVE is satisfied); this CPU just lacks the
+        # instructions the kernels are written in. Only an explicit request for native is an error.
+        message = "the native linear kernels need AVX-512 or AVX2 + FMA, which this CPU lacks"
+        if requested == NATIVE:
+            raise NativeBuildError(message)
+        logger.warning("%s; using the plain-Paddle reference", message)
         return REFERENCE
     retain_freed_memory()
     return NATIVE

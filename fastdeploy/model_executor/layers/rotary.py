@@ -11,6 +11,11 @@ class RotaryEmbedding:
     interleaved=False rotates (x[:d/2], x[d/2:]) pairs (HF Llama/Qwen2); True rotates adjacent
     lanes (x[2i], x[2i+1]) as ERNIE 4.5 does. The angle table is computed in float32 the way the
     reference implementations do, so logits match them closely.
+
+    This is the reference: on CPU the model runs the same arithmetic fused with the KV-cache write
+    (:mod:`fastdeploy.model_executor.ops.rotary_kv`), which reads ``cos``/``sin`` and ``interleaved``
+    from here and rounds every product and sum in the same order (tests/test_rotary_kv.py checks
+    that the two agree bit for bit), so a change here must be mirrored in native/rotary_kv.cc.
     """
 
     def __init__(self, head_dim: int, max_position: int, theta: float, interleaved: bool) -> None:

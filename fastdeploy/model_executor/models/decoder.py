@@ -15,7 +15,9 @@ from fastdeploy.model_executor.layers.linear import LinearWeight
 from fastdeploy.model_executor.layers.norm import rms_norm, silu_mul
 from fastdeploy.model_executor.layers.rotary import RotaryEmbedding
 from fastdeploy.model_executor.model_config import ModelArchConfig
+from fastdeploy.model_executor.models.fused_forward import FusedDecoderForward
 from fastdeploy.model_executor.ops import paged_attention as attn_ops
+from fastdeploy.model_executor.ops import rotary_kv
 
 
 class DecoderLayerWeights:
@@ -61,19 +63,32 @@ class DecoderModel:
         self.final_norm = paddle.to_tensor(weights.pop("model.norm.weight"))
         self.layers = [DecoderLayerWeights(cfg, weights, i, quant) for i in range(cfg.num_hidden_layers)]
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleaved)
+        self._fused: FusedDecoderForward | None = None
+        self._fused_checked = False
+
+    def _fused_forward(self) -> FusedDecoderForward | None:
+        """All layers in one native call where everything would run natively (decided on first use,
+        when the backends are known)."""
+        if not self._fused_checked:
+            self._fused = FusedDecoderForward.create(self)
+            self._fused_checked = True
+        return self._fused
 
     def _attention(self, layer: DecoderLayerWeights, h: paddle.Tensor, batch: ForwardBatch,
-                   cache: tuple[paddle.Tensor, paddle.Tensor], rope: tuple[paddle.Tensor, paddle.Tensor]) -> paddle.Tensor:
+                   cache: tuple[paddle.Tensor, paddle.Tensor],
+                   rope: tuple[paddle.Tensor, paddle.Tensor] | None) -> paddle.Tensor:
+        """``rope`` None: the fused native rotary + KV-write op applies (see hidden_states)."""
         cfg = self.cfg
         qkv = layer.qkv(h)
         num_tokens = h.shape[0]
-        heads = qkv.reshape([num_tokens, cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.head_dim])
-        qk, v = paddle.split(heads, [cfg.num_attention_heads + cfg.num_key_value_heads, cfg.num_key_value_heads],
-                             axis=1)
-        qk = self.rotary(qk, *rope)  # q and k heads rotated in one pass
-        q, k = paddle.split(qk, [cfg.num_attention_heads, cfg.num_key_value_heads], axis=1)
         key_cache, value_cache = cache
-        attn_ops.write_kv_cache(k, v, key_cache, value_cache, batch.slot_mapping)
+        # q comes back rotated; k (rotated) and v are already in the cache.
+        args = (self.rotary, key_cache, value_cache, batch.slot_mapping, cfg.num_attention_heads,
+                cfg.num_key_value_heads)
+        if rope is None:
+            q = rotary_kv.native_rotary_write_kv(qkv, batch.positions, *args)
+        else:
+            q = rotary_kv.reference_rotary_write_kv(qkv, rope, *args)
         out = attn_ops.paged_attention(q, key_cache, value_cache, batch.block_tables, batch.context_lens,
                                        batch.query_start_loc, self.scale)
         return layer.o(out.reshape([num_tokens, self.q_size]))
@@ -87,8 +102,13 @@ class DecoderModel:
         """Last layer's MLP output and the residual stream before it (their sum is the hidden state)."""
         eps = self.cfg.rms_norm_eps
         h = F.embedding(batch.input_ids, self.embed)
+        fused = self._fused_forward()
+        if fused is not None and fused.applies(kv_caches):
+            return fused(h, batch, kv_caches)
         residual = None
-        rope = self.rotary.angles(batch.positions)
+        # The fused native op reads the angle tables itself; the reference gathers them once here.
+        native_rope = bool(kv_caches) and rotary_kv.native_applies(self.rotary, kv_caches[0][0])
+        rope = None if native_rope else self.rotary.angles(batch.positions)
         for layer, cache in zip(self.layers, kv_caches):
             x, residual = rms_norm(h, layer.input_norm, eps, residual)
             h = self._attention(layer, x, batch, cache, rope)

@@ -41,6 +41,12 @@ _DONE_MARKER = "BUILD_OK"
 KEEP_BUILDS = 3
 """Finished builds kept per extension (older ones are pruned after a new build)."""
 
+EXTENSION_NAME = "fastdeploy_ops"
+EXTENSION_SOURCES: tuple[str, ...] = ("linear.cc", "norm.cc", "paged_attention.cc", "kv_cache.cc", "rotary_kv.cc",
+                                      "decoder_forward.cc")
+"""Every op in one extension: fd_decoder_forward calls the other ops' kernels in C++, and Paddle
+refuses to register one op name from two libraries."""
+
 _loaded: dict[str, ModuleType] = {}
 _load_lock = threading.Lock()
 
@@ -213,6 +219,11 @@ def _import_library(name: str, build_dir: Path) -> ModuleType:
         return extension_utils._import_module_from_library(name, str(build_dir / name), False)
     finally:
         paddle_logger.setLevel(level)
+
+
+def native_ops() -> ModuleType:
+    """The project's native ops (built on first use); raises NativeBuildError if unavailable."""
+    return load_extension(EXTENSION_NAME, EXTENSION_SOURCES)
 
 
 def load_extension(name: str, sources: Sequence[str], extra_cflags: Sequence[str] = (),

@@ -26,7 +26,8 @@ from types import ModuleType
 import paddle
 import paddle.nn.functional as F
 
-from fastdeploy.model_executor.ops.native_build import NativeBuildError, load_extension, native_num_threads
+from fastdeploy.model_executor.ops import native_build
+from fastdeploy.model_executor.ops.native_build import NativeBuildError, native_num_threads
 
 logger = logging.getLogger("fastdeploy")
 
@@ -34,8 +35,6 @@ BACKEND_ENV = "FASTDEPLOY_ATTENTION_BACKEND"
 NATIVE = "native"
 REFERENCE = "reference"
 
-EXTENSION_NAME = "fastdeploy_attention_ops"
-EXTENSION_SOURCES = ("paged_attention.cc", "kv_cache.cc")
 
 # Values of the op's `impl` attribute.
 _IMPL_AUTO = 0
@@ -44,7 +43,7 @@ _IMPL_SCALAR = 1
 
 def native_ops() -> ModuleType:
     """The compiled extension (built on first use); raises NativeBuildError if unavailable."""
-    return load_extension(EXTENSION_NAME, EXTENSION_SOURCES)
+    return native_build.native_ops()
 
 
 @functools.cache
