@@ -13,8 +13,9 @@
 //          vpdpbusd), float scale[32], float zero[32]; w = u * scale + zero.
 //
 // A micro-kernel computes a tile of up to kMaxRows rows (12 with AVX-512, 4 for VNNI; 3 with
-// AVX2) x 32 columns with its accumulators in registers over the K range it is given. Paths (the
-// bf16-dot and VNNI ones need AVX-512; on AVX2 those requests compute in fp32):
+// AVX2, 6 for its many-row fp32 kernel) x 32 columns with its accumulators in registers over the
+// K range it is given. Paths (the bf16-dot and VNNI ones need AVX-512; on AVX2 those requests
+// compute in fp32):
 //   - u8 with AVX512-VNNI (the default): activations quantized per row and group to 16 bits and
 //     multiplied with vpdpbusd at every M: exact integer sums, about fp32's accuracy, the multiply
 //     rate of vdpbf16ps, and at M = 1 three times fewer instructions than dequantizing to fp32.
@@ -119,11 +120,23 @@ void RunTile(Kernel kernel, const Problem& p, const Tile& t) {
   const float* a = p.x + t.row * p.k + t.k0;
   Prefetcher pf = t.prefetch;
   switch (kernel) {
-    case Kernel::kF32: TileF32<MR>(a, p.k, static_cast<const float*>(t.b), t.kc, pf, acc); break;
-    case Kernel::kBF16Widen: TileBF16Widen<MR>(a, p.k, static_cast<const uint16_t*>(t.b), t.kc, pf, acc); break;
+    case Kernel::kF32:
+#ifndef __AVX512F__
+      if constexpr (MR > kMaxRows) {  // only the many-row fp32 path has tiles this tall
+        TileF32Halves<MR>(a, p.k, static_cast<const float*>(t.b), t.kc, pf, acc);
+        break;
+      }
+#endif
+      TileF32<MR>(a, p.k, static_cast<const float*>(t.b), t.kc, pf, acc);
+      break;
+    case Kernel::kBF16Widen:
+      if constexpr (MR <= kMaxRows) TileBF16Widen<MR>(a, p.k, static_cast<const uint16_t*>(t.b), t.kc, pf, acc);
+      break;
     case Kernel::kU8:
-      TileU8<MR>(a, p.k, static_cast<const uint8_t*>(t.b), t.kc, p.group,
-                 p.xsum + t.row * (p.k / p.group) + t.k0 / p.group, p.k / p.group, pf, acc);
+      if constexpr (MR <= kMaxRows) {
+        TileU8<MR>(a, p.k, static_cast<const uint8_t*>(t.b), t.kc, p.group,
+                   p.xsum + t.row * (p.k / p.group) + t.k0 / p.group, p.k / p.group, pf, acc);
+      }
       break;
     case Kernel::kBF16Dot:
 #ifdef __AVX512BF16__
@@ -153,12 +166,15 @@ void RunTile(Kernel kernel, const Problem& p, const Tile& t) {
 
 using TileFn = void (*)(Kernel, const Problem&, const Tile&);
 
+// Tallest tile of any kernel: kMaxRows, or kWideRows for the AVX2 many-row fp32 kernel.
+constexpr int kMaxTileRows = std::max(kMaxRows, kWideRows);
+
 template <size_t... R>
-constexpr std::array<TileFn, kMaxRows + 1> MakeTileFns(std::index_sequence<R...>) {
+constexpr std::array<TileFn, kMaxTileRows + 1> MakeTileFns(std::index_sequence<R...>) {
   return {nullptr, RunTile<static_cast<int>(R) + 1>...};
 }
-// kTileFns[rows] runs a tile of that many rows (1..kMaxRows).
-constexpr std::array<TileFn, kMaxRows + 1> kTileFns = MakeTileFns(std::make_index_sequence<kMaxRows>());
+// kTileFns[rows] runs a tile of that many rows (1..kMaxTileRows).
+constexpr std::array<TileFn, kMaxTileRows + 1> kTileFns = MakeTileFns(std::make_index_sequence<kMaxTileRows>());
 
 // Per-thread slice buffers (256 KB each), reused across calls (OpenMP keeps its workers alive).
 struct Scratch {
@@ -248,7 +264,7 @@ void RunPanel(const Problem& p, Kernel kernel, const void* b, const char* next, 
 #ifdef __AVX512VNNI__
   const int64_t tile_rows = kernel == Kernel::kU8Vnni ? kMaxVnniRows : kMaxRows;
 #else
-  const int64_t tile_rows = kMaxRows;
+  const int64_t tile_rows = kernel == Kernel::kF32 ? kWideRows : kMaxRows;
 #endif
   const int64_t tiles = (me - mb + tile_rows - 1) / tile_rows;
   const int64_t slice_bytes = PanelRowBytes(p.format, kc, p.group);

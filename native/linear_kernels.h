@@ -37,6 +37,9 @@ inline int64_t U8GroupBytes(int group) { return static_cast<int64_t>(group) * kP
 
 #ifdef __AVX512F__
 constexpr int kMaxRows = 12;  // rows per micro-tile: 24 accumulators + operands fit in 32 zmm
+// Rows per tile of the many-row fp32 path: the same kernel as every other path here (the AVX2
+// build has a taller, narrower one).
+constexpr int kWideRows = kMaxRows;
 template <int MR>
 using TileAcc = __m512[MR][2];  // the accumulators of a tile of MR rows x 32 columns
 // Rows per TileU8Vnni tile: its hi and lo sums of 2 column blocks plus the fp32 tile take 6 zmm
@@ -616,6 +619,47 @@ inline void TileF32(const float* a, int64_t lda, const float* b, int64_t kc, Pre
     pf.Step(2);
     LoadRowF32(b + k * kPanel, w);
     FmaRow<MR>(acc, a, lda, k, w);
+  }
+}
+
+// Many-row fp32 tiles (the prefill / big-batch path, over fp32 panels or slices dequantized into
+// scratch) of up to kWideRows rows, computed as the panel's two 16-column halves in turn, each over
+// the whole K range: 6 x 2 accumulators, the two weight vectors of a k row held in registers and
+// shared by all rows, six broadcasts per k. TileF32's 3 x 32 tile leaves too few registers for its
+// four weight vectors, so GCC reads them from memory once per FMA (15 loads per 12 FMAs, bound by
+// the load ports). Each half reads its own cache line of every 128-byte k row.
+constexpr int kWideRows = 6;
+
+template <int MR>
+inline void HalfPanelF32(const float* a, int64_t lda, const float* b, int64_t kc, Prefetcher& pf,
+                         __m256 (&acc)[MR][2]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    pf.Step(1);
+    const __m256 w0 = _mm256_loadu_ps(b + k * kPanel);
+    const __m256 w1 = _mm256_loadu_ps(b + k * kPanel + 8);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      acc[r][0] = _mm256_fmadd_ps(av, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, w1, acc[r][1]);
+    }
+  }
+}
+
+template <int MR>
+inline void TileF32Halves(const float* a, int64_t lda, const float* b, int64_t kc, Prefetcher& pf,
+                          __m256 (&acc)[MR][kVecs]) {
+#pragma GCC unroll 2
+  for (int half = 0; half < 2; ++half) {
+    __m256 part[MR][2];
+    HalfPanelF32<MR>(a, lda, b + 16 * half, kc, pf, part);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      acc[r][2 * half] = part[r][0];
+      acc[r][2 * half + 1] = part[r][1];
+    }
   }
 }
 

@@ -4,13 +4,14 @@
 // last q_len positions of its context, so query j sits at p = context_len - q_len + j and sees
 // cache positions 0..p (causal). Query head h reads kv head h / (num_heads / num_kv_heads).
 //
-// The AVX-512 path works on tiles: one sequence, one kv head and up to 16 "rows", a row being a
-// (query token, query head of that kv head's group) pair. Rows live in the 16 lanes of a zmm, so
-// one key row is broadcast against all rows at once: scores need no horizontal reductions, the
-// K/V rows are read once per tile for the whole GQA group, and the online softmax (running max,
-// running sum, rescaled accumulator) is lane-wise. Keys are visited 16 at a time in position
-// order; causality is a lane mask. The scalar path (no AVX-512, or head_dim % 16 != 0) computes
-// one (token, head) row at a time with a two-pass softmax.
+// The vector path (AVX-512 or AVX2) works on tiles: one sequence, one kv head and up to kLanes
+// (16 or 8) "rows", a row being a (query token, query head of that kv head's group) pair. Rows
+// live in the lanes of one vector register, so one key row is broadcast against all rows at once:
+// scores need no horizontal reductions, the K/V rows are read once per tile for the whole GQA
+// group, and the online softmax (running max, running sum, rescaled accumulator) is lane-wise.
+// Keys are visited 16 at a time in position order; causality is a lane mask. The scalar path
+// (neither ISA, or head_dim % kLanes != 0) computes one (token, head) row at a time with a
+// two-pass softmax.
 
 #include <algorithm>
 #include <atomic>
@@ -21,11 +22,8 @@
 #include <memory>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "attention.h"
+#include "attention_simd.h"
 #include "paddle/extension.h"
 
 // libiomp5's spin-wait control (see LimitSpinWait); weak, so under another runtime it is null.
@@ -158,12 +156,14 @@ void RunScalar(const Problem& p, int64_t max_context, int num_threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// AVX-512 tiled path.
+// Tiled path (AVX-512 or AVX2 + FMA; the vector type comes from attention_simd.h).
 
-#ifdef __AVX512F__
+#ifdef FD_ATTENTION_TILED
 
-constexpr int kLanes = 16;    // rows per tile: one zmm of fp32
-constexpr int kKeyTile = 16;  // keys per online-softmax step
+using fd_attention_simd::Simd;
+using Vec = Simd::V;
+constexpr int kLanes = Simd::kLanes;  // rows per tile: one register of fp32
+constexpr int kKeyTile = 16;          // keys per online-softmax step
 constexpr int64_t kMinParallelKeyVisits = 2048;
 
 struct Tile {
@@ -209,91 +209,76 @@ class KeyCursor {
   int64_t row0_ = 0;
 };
 
-// e^x for x <= 88.7: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial
-// (truncation error < 1e-8 relative), then scaled by 2^n. Inputs are clamped at -150, where 2^n
-// underflows scalef to exactly 0, so masked (-inf) scores get exactly zero weight.
-inline __m512 Exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
-  __m512 poly = _mm512_set1_ps(1.f / 5040.f);
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f / 720.f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f / 120.f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f / 24.f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f / 6.f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(poly, n);
-}
-
 // scores[j] (lanes = rows) = sum_d key_j[d] * qt[d][:] for 8 keys. Eight independent accumulators
-// hide the FMA latency; qt is the tile's queries transposed to [head_dim][16], pre-scaled.
-inline void ScoreEightKeys(const float* const* keys, const float* __restrict qt, int64_t head_dim,
-                           __m512* scores) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-  __m512 acc4 = _mm512_setzero_ps(), acc5 = _mm512_setzero_ps();
-  __m512 acc6 = _mm512_setzero_ps(), acc7 = _mm512_setzero_ps();
+// hide the FMA latency; qt is the tile's queries transposed to [head_dim][kLanes], pre-scaled.
+__attribute__((noinline)) void ScoreEightKeys(const float* const* keys, const float* __restrict qt, int64_t head_dim, Vec* scores) {
+  Vec acc0 = Simd::Zero(), acc1 = Simd::Zero(), acc2 = Simd::Zero(), acc3 = Simd::Zero();
+  Vec acc4 = Simd::Zero(), acc5 = Simd::Zero(), acc6 = Simd::Zero(), acc7 = Simd::Zero();
   const float *k0 = keys[0], *k1 = keys[1], *k2 = keys[2], *k3 = keys[3];
   const float *k4 = keys[4], *k5 = keys[5], *k6 = keys[6], *k7 = keys[7];
   for (int64_t d = 0; d < head_dim; ++d) {
-    const __m512 q = _mm512_load_ps(qt + d * kLanes);
-    acc0 = _mm512_fmadd_ps(_mm512_set1_ps(k0[d]), q, acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_set1_ps(k1[d]), q, acc1);
-    acc2 = _mm512_fmadd_ps(_mm512_set1_ps(k2[d]), q, acc2);
-    acc3 = _mm512_fmadd_ps(_mm512_set1_ps(k3[d]), q, acc3);
-    acc4 = _mm512_fmadd_ps(_mm512_set1_ps(k4[d]), q, acc4);
-    acc5 = _mm512_fmadd_ps(_mm512_set1_ps(k5[d]), q, acc5);
-    acc6 = _mm512_fmadd_ps(_mm512_set1_ps(k6[d]), q, acc6);
-    acc7 = _mm512_fmadd_ps(_mm512_set1_ps(k7[d]), q, acc7);
+    const Vec q = Simd::Load(qt + d * kLanes);
+    acc0 = Simd::Fmadd(Simd::Set1(k0[d]), q, acc0);
+    acc1 = Simd::Fmadd(Simd::Set1(k1[d]), q, acc1);
+    acc2 = Simd::Fmadd(Simd::Set1(k2[d]), q, acc2);
+    acc3 = Simd::Fmadd(Simd::Set1(k3[d]), q, acc3);
+    acc4 = Simd::Fmadd(Simd::Set1(k4[d]), q, acc4);
+    acc5 = Simd::Fmadd(Simd::Set1(k5[d]), q, acc5);
+    acc6 = Simd::Fmadd(Simd::Set1(k6[d]), q, acc6);
+    acc7 = Simd::Fmadd(Simd::Set1(k7[d]), q, acc7);
   }
   scores[0] = acc0; scores[1] = acc1; scores[2] = acc2; scores[3] = acc3;
   scores[4] = acc4; scores[5] = acc5; scores[6] = acc6; scores[7] = acc7;
 }
 
 // o[r][c] = o[r][c] * alpha[r] + sum_j probs[j][r] * v_j[c] for rows r0..r0+3 and the CHUNKS
-// 16-float chunks starting at c0: 4 x CHUNKS accumulators stay in registers over the keys.
+// kLanes-float chunks starting at c0: 4 x CHUNKS accumulators stay in registers over the keys.
 template <int CHUNKS>
-inline void UpdateOutput(float* __restrict o, int64_t head_dim, int r0, int64_t c0,
-                         const float* alpha, const float (*probs)[kLanes],
-                         const float* const* values, int num_keys) {
-  __m512 acc[4][CHUNKS];
+inline void UpdateOutput(float* __restrict o, int64_t head_dim, int r0, int64_t c0, const float* alpha,
+                         const float (*probs)[kLanes], const float* const* values, int num_keys) {
+  Vec acc[4][CHUNKS];
   for (int a = 0; a < 4; ++a) {
-    const __m512 scale = _mm512_set1_ps(alpha[r0 + a]);
+    const Vec scale = Simd::Set1(alpha[r0 + a]);
     for (int b = 0; b < CHUNKS; ++b) {
-      acc[a][b] = _mm512_mul_ps(_mm512_load_ps(o + (r0 + a) * head_dim + c0 + b * kLanes), scale);
+      acc[a][b] = Simd::Mul(Simd::Load(o + (r0 + a) * head_dim + c0 + b * kLanes), scale);
     }
   }
   for (int j = 0; j < num_keys; ++j) {
-    __m512 v[CHUNKS];
-    for (int b = 0; b < CHUNKS; ++b) v[b] = _mm512_loadu_ps(values[j] + c0 + b * kLanes);
+    Vec v[CHUNKS];
+    for (int b = 0; b < CHUNKS; ++b) v[b] = Simd::LoadU(values[j] + c0 + b * kLanes);
     for (int a = 0; a < 4; ++a) {
-      const __m512 w = _mm512_set1_ps(probs[j][r0 + a]);
-      for (int b = 0; b < CHUNKS; ++b) acc[a][b] = _mm512_fmadd_ps(w, v[b], acc[a][b]);
+      const Vec w = Simd::Set1(probs[j][r0 + a]);
+      for (int b = 0; b < CHUNKS; ++b) acc[a][b] = Simd::Fmadd(w, v[b], acc[a][b]);
     }
   }
   for (int a = 0; a < 4; ++a) {
-    for (int b = 0; b < CHUNKS; ++b) {
-      _mm512_store_ps(o + (r0 + a) * head_dim + c0 + b * kLanes, acc[a][b]);
+    for (int b = 0; b < CHUNKS; ++b) Simd::Store(o + (r0 + a) * head_dim + c0 + b * kLanes, acc[a][b]);
+  }
+}
+
+// Accumulates one step's probability-weighted values into o, for every row group and chunk.
+void UpdateAllOutputs(float* o, int64_t head_dim, int rows, const float* alpha, const float (*probs)[kLanes],
+                      const float* const* values, int num_keys) {
+  const int64_t chunks = head_dim / kLanes;
+  constexpr int kMax = Simd::kMaxChunks;
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    int64_t c = 0;
+    for (; c + kMax <= chunks; c += kMax) UpdateOutput<kMax>(o, head_dim, r0, c * kLanes, alpha, probs, values, num_keys);
+    switch (chunks - c) {
+      case 3: UpdateOutput<3>(o, head_dim, r0, c * kLanes, alpha, probs, values, num_keys); break;
+      case 2: UpdateOutput<2>(o, head_dim, r0, c * kLanes, alpha, probs, values, num_keys); break;
+      case 1: UpdateOutput<1>(o, head_dim, r0, c * kLanes, alpha, probs, values, num_keys); break;
+      default: break;
     }
   }
 }
 
-void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o) {
+// Transposes the tile's queries into qt [head_dim][kLanes], pre-scaled, and records each row's
+// position. Unused lanes are zero and have position -1 (fully masked whenever masking applies;
+// their results are never stored either way).
+void LoadTileQueries(const Problem& p, const Tile& tile, int64_t first_pos, float* qt, int32_t* qpos) {
   const int64_t d_len = p.head_dim;
-  const int64_t seq = tile.seq;
-  const int64_t q_begin = p.query_start_loc[seq];
-  const int64_t q_len = p.query_start_loc[seq + 1] - q_begin;
-  const int64_t first_pos = p.context_lens[seq] - q_len + tile.tok_begin;
-  const int rows = tile.tok_count * tile.head_count;
-
-  // Transposed, pre-scaled queries; unused lanes are zero and have position -1 (fully masked
-  // whenever masking applies; their results are never stored either way).
-  alignas(64) int32_t qpos[kLanes];
+  const int64_t q_begin = p.query_start_loc[tile.seq];
   std::fill(qt, qt + d_len * kLanes, 0.f);
   std::fill(qpos, qpos + kLanes, -1);
   for (int t = 0; t < tile.tok_count; ++t) {
@@ -306,24 +291,62 @@ void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o) {
       qpos[r] = static_cast<int32_t>(first_pos + t);
     }
   }
+}
+
+// Divides each row's accumulator by its softmax sum and writes it to the output.
+void StoreTileOutputs(const Problem& p, const Tile& tile, const float* o, const float* sums) {
+  const int64_t d_len = p.head_dim;
+  const int64_t q_begin = p.query_start_loc[tile.seq];
+  for (int t = 0; t < tile.tok_count; ++t) {
+    const int64_t token = q_begin + tile.tok_begin + t;
+    for (int h = 0; h < tile.head_count; ++h) {
+      const int r = t * tile.head_count + h;
+      const int64_t head = tile.kv_head * p.group() + tile.head_begin + h;
+      float* dst = p.out + (token * p.num_heads + head) * d_len;
+      const Vec inv = Simd::Set1(1.f / sums[r]);
+      for (int64_t c = 0; c < d_len; c += kLanes) Simd::StoreU(dst + c, Simd::Mul(Simd::Load(o + r * d_len + c), inv));
+    }
+  }
+}
+
+// Decode-like tiles (few rows) stream the context from DRAM once with little math per key:
+// prefetching the next 16 rows of K and V while this tile computes hides the latency of the
+// scattered blocks. Wide (prefill) tiles are compute-bound and reread K/V from L2 instead.
+void PrefetchRows(const Problem& p, const int64_t* offsets, int count) {
+  for (int j = 0; j < count; ++j) {
+    const char* k_next = reinterpret_cast<const char*>(p.key_cache + offsets[j]);
+    const char* v_next = reinterpret_cast<const char*>(p.value_cache + offsets[j]);
+    for (int64_t byte = 0; byte < p.head_dim * static_cast<int64_t>(sizeof(float)); byte += 64) {
+      _mm_prefetch(k_next + byte, _MM_HINT_T0);
+      _mm_prefetch(v_next + byte, _MM_HINT_T0);
+    }
+  }
+}
+
+// Online softmax over the tile's keys, 16 at a time: running max, running sum and an accumulator
+// rescaled whenever the max grows.
+void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o) {
+  const int64_t d_len = p.head_dim;
+  const int64_t q_len = p.query_start_loc[tile.seq + 1] - p.query_start_loc[tile.seq];
+  const int64_t first_pos = p.context_lens[tile.seq] - q_len + tile.tok_begin;
+  const int rows = tile.tok_count * tile.head_count;
+  alignas(64) int32_t qpos[kLanes];
+  LoadTileQueries(p, tile, first_pos, qt, qpos);
   std::fill(o, o + kLanes * d_len, 0.f);
 
-  const __m512i qpos_v = _mm512_load_si512(qpos);
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 run_max = neg_inf;
-  __m512 run_sum = _mm512_setzero_ps();
+  const Vec neg_inf = Simd::Set1(-std::numeric_limits<float>::infinity());
+  Vec run_max = neg_inf;
+  Vec run_sum = Simd::Zero();
   const int64_t num_keys = first_pos + tile.tok_count;  // last query's position + 1
-  const int row_groups = (rows + 3) / 4;
-  const int64_t chunks = d_len / kLanes;
 
   alignas(64) float probs[kKeyTile][kLanes];
   alignas(64) float alpha[kLanes];
   const float* keys[kKeyTile];
   const float* values[kKeyTile];
-  __m512 scores[kKeyTile];
+  Vec scores[kKeyTile];
 
   const bool prefetch = rows <= kLanes / 2;
-  KeyCursor cursor(p, seq, tile.kv_head);
+  KeyCursor cursor(p, tile.seq, tile.kv_head);
   int64_t next_offsets[kKeyTile];
   int next_count = cursor.Next(num_keys, next_offsets);
   for (int64_t k0 = 0; k0 < num_keys; k0 += kKeyTile) {
@@ -334,77 +357,40 @@ void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o) {
       keys[j] = p.key_cache + offset;
       values[j] = p.value_cache + offset;
     }
-    // Decode-like tiles (few rows) stream the context from DRAM once with little math per key:
-    // prefetching the next 16 rows of K and V while this tile computes hides the latency of the
-    // scattered blocks. Wide (prefill) tiles are compute-bound and reread K/V from L2 instead.
     next_count = cursor.Next(num_keys, next_offsets);
-    for (int j = 0; prefetch && j < next_count; ++j) {
-      const char* k_next = reinterpret_cast<const char*>(p.key_cache + next_offsets[j]);
-      const char* v_next = reinterpret_cast<const char*>(p.value_cache + next_offsets[j]);
-      for (int64_t byte = 0; byte < d_len * static_cast<int64_t>(sizeof(float)); byte += 64) {
-        _mm_prefetch(k_next + byte, _MM_HINT_T0);
-        _mm_prefetch(v_next + byte, _MM_HINT_T0);
-      }
-    }
+    if (prefetch) PrefetchRows(p, next_offsets, next_count);
     ScoreEightKeys(keys, qt, d_len, scores);
     if (nk > 8) ScoreEightKeys(keys + 8, qt, d_len, scores + 8);
 
     if (k0 + nk - 1 > first_pos) {  // some key is in the future of some row
-      for (int j = 0; j < nk; ++j) {
-        const __mmask16 future =
-            _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(k0 + j)), qpos_v);
-        scores[j] = _mm512_mask_mov_ps(scores[j], future, neg_inf);
-      }
+      for (int j = 0; j < nk; ++j) scores[j] = Simd::MaskFuture(scores[j], static_cast<int32_t>(k0 + j), qpos);
     }
-    __m512 block_max = scores[0];
-    for (int j = 1; j < nk; ++j) block_max = _mm512_max_ps(block_max, scores[j]);
-    const __m512 new_max = _mm512_max_ps(run_max, block_max);
-    // A lane with nothing visible yet keeps max -inf; subtract 0 there so exp gives 0, not NaN.
-    const __m512 safe_max =
-        _mm512_mask_mov_ps(new_max, _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_EQ_OQ), _mm512_setzero_ps());
-    const __m512 rescale = Exp512(_mm512_sub_ps(run_max, safe_max));
-    __m512 block_sum = _mm512_setzero_ps();
+    Vec block_max = scores[0];
+    for (int j = 1; j < nk; ++j) block_max = Simd::Max(block_max, scores[j]);
+    const Vec new_max = Simd::Max(run_max, block_max);
+    const Vec safe_max = Simd::ZeroWhereNegInf(new_max);
+    const Vec rescale = Simd::Exp(Simd::Sub(run_max, safe_max));
+    Vec block_sum = Simd::Zero();
     for (int j = 0; j < nk; ++j) {
-      const __m512 pj = Exp512(_mm512_sub_ps(scores[j], safe_max));
-      _mm512_store_ps(probs[j], pj);
-      block_sum = _mm512_add_ps(block_sum, pj);
+      const Vec pj = Simd::Exp(Simd::Sub(scores[j], safe_max));
+      Simd::Store(probs[j], pj);
+      block_sum = Simd::Add(block_sum, pj);
     }
-    run_sum = _mm512_fmadd_ps(run_sum, rescale, block_sum);
+    run_sum = Simd::Fmadd(run_sum, rescale, block_sum);
     run_max = new_max;
-    _mm512_store_ps(alpha, rescale);
-
-    for (int g = 0; g < row_groups; ++g) {
-      int64_t c = 0;
-      for (; c + 4 <= chunks; c += 4) UpdateOutput<4>(o, d_len, 4 * g, c * kLanes, alpha, probs, values, nk);
-      switch (chunks - c) {
-        case 3: UpdateOutput<3>(o, d_len, 4 * g, c * kLanes, alpha, probs, values, nk); break;
-        case 2: UpdateOutput<2>(o, d_len, 4 * g, c * kLanes, alpha, probs, values, nk); break;
-        case 1: UpdateOutput<1>(o, d_len, 4 * g, c * kLanes, alpha, probs, values, nk); break;
-        default: break;
-      }
-    }
+    Simd::Store(alpha, rescale);
+    UpdateAllOutputs(o, d_len, rows, alpha, probs, values, nk);
   }
 
   alignas(64) float sums[kLanes];
-  _mm512_store_ps(sums, run_sum);
-  for (int t = 0; t < tile.tok_count; ++t) {
-    const int64_t token = q_begin + tile.tok_begin + t;
-    for (int h = 0; h < tile.head_count; ++h) {
-      const int r = t * tile.head_count + h;
-      const int64_t head = tile.kv_head * p.group() + tile.head_begin + h;
-      float* dst = p.out + (token * p.num_heads + head) * d_len;
-      const __m512 inv = _mm512_set1_ps(1.f / sums[r]);
-      for (int64_t c = 0; c < d_len; c += kLanes) {
-        _mm512_storeu_ps(dst + c, _mm512_mul_ps(_mm512_load_ps(o + r * d_len + c), inv));
-      }
-    }
-  }
+  Simd::Store(sums, run_sum);
+  StoreTileOutputs(p, tile, o, sums);
 }
 
 std::vector<Tile> MakeTiles(const Problem& p) {
   const int64_t group = p.group();
-  // A tile holds whole GQA groups of as many tokens as fit in 16 lanes; a group wider than 16
-  // heads is split into 16-head slices of one token.
+  // A tile holds whole GQA groups of as many tokens as fit in kLanes lanes; a group wider than
+  // kLanes heads is split into kLanes-head slices of one token.
   const int64_t heads_per_tile = std::min<int64_t>(group, kLanes);
   const int64_t tokens_per_tile = std::max<int64_t>(1, kLanes / group);
   std::vector<Tile> tiles;
@@ -449,7 +435,7 @@ void RunTiled(const Problem& p, int num_threads) {
   }
 }
 
-#endif  // __AVX512F__
+#endif  // FD_ATTENTION_TILED
 
 // ---------------------------------------------------------------------------------------------
 // Op entry.
@@ -539,7 +525,7 @@ std::vector<paddle::Tensor> PagedAttentionKernel(const paddle::Tensor& query, co
 
   // impl: 0 = best available, 1 = scalar (kept reachable so tests cover it on AVX-512 hosts).
   num_threads = std::max(num_threads, 1);
-#ifdef __AVX512F__
+#ifdef FD_ATTENTION_TILED
   if (impl != 1 && p.head_dim % kLanes == 0) {
     RunTiled(p, num_threads);
     return {out};
