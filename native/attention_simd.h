@@ -14,6 +14,16 @@
 
 namespace fd_attention_simd {
 
+#ifdef FD_ATTENTION_TILED
+// The sums of the 8 lanes of each of a0..a3, as [sum a0, sum a1, sum a2, sum a3].
+inline __m128 HorizontalSums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t0 = _mm256_hadd_ps(a0, a1);  // per 128-bit half: a0 pair sums, a1 pair sums
+  const __m256 t1 = _mm256_hadd_ps(a2, a3);
+  const __m256 t2 = _mm256_hadd_ps(t0, t1);  // per half: the quad sums of a0, a1, a2, a3
+  return _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1));
+}
+#endif
+
 // e^r for r = x - n ln2 (|r| <= ln2/2): ln2 is split in two so n ln2 is subtracted exactly enough,
 // then the degree-7 Taylor polynomial (truncation error < 1e-8 relative). Shared by both ISAs.
 template <class S>
@@ -35,6 +45,8 @@ struct Simd {
   static constexpr int kLanes = 16;
   // Output accumulators per row in UpdateOutput: 4 rows x 4 chunks + 4 values fit in 32 zmm.
   static constexpr int kMaxChunks = 4;
+  // Output chunks per pass of the narrow (lanes along head_dim) kernel: 3 rows x 4 accumulators.
+  static constexpr int kNarrowChunks = 4;
 
   static V Zero() { return _mm512_setzero_ps(); }
   static V Set1(float x) { return _mm512_set1_ps(x); }
@@ -47,6 +59,12 @@ struct Simd {
   static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static __m128 Sum4(V a0, V a1, V a2, V a3) { return HorizontalSums(Fold(a0), Fold(a1), Fold(a2), Fold(a3)); }
+  // The two 256-bit halves added (AVX512F only: no DQ extract).
+  static __m256 Fold(V x) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+    return _mm256_add_ps(_mm512_castps512_ps256(x), hi);
+  }
 
   // Lanes whose query position is before key_pos (the key is in their future) become -inf.
   static V MaskFuture(V scores, int32_t key_pos, const int32_t* qpos) {
@@ -79,6 +97,8 @@ struct Simd {
   static constexpr int kLanes = 8;
   // 16 ymm: 4 rows x 2 chunks of accumulators + 2 values + 1 broadcast weight, no spills.
   static constexpr int kMaxChunks = 2;
+  // Narrow kernel: 3 rows x 3 chunks of accumulators + 3 values + 1 broadcast weight.
+  static constexpr int kNarrowChunks = 3;
 
   static V Zero() { return _mm256_setzero_ps(); }
   static V Set1(float x) { return _mm256_set1_ps(x); }
@@ -91,6 +111,7 @@ struct Simd {
   static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static __m128 Sum4(V a0, V a1, V a2, V a3) { return HorizontalSums(a0, a1, a2, a3); }
 
   static V MaskFuture(V scores, int32_t key_pos, const int32_t* qpos) {
     const __m256i qpos_v = _mm256_load_si256(reinterpret_cast<const __m256i*>(qpos));

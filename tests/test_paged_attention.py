@@ -146,8 +146,10 @@ def test_native_thread_count_does_not_change_results(native, num_threads):
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [
     (32, 2, 32),   # group of 16 heads: one token per tile
     (40, 2, 16),   # group of 20 heads: split into 16 + 4 head slices
-    (6, 2, 40),    # head_dim not a multiple of 16: portable kernel
+    (6, 2, 40),    # head_dim not a multiple of 16: portable kernel with AVX-512, 8-lane tiles with AVX2
     (8, 1, 128),   # MQA, wide heads
+    (4, 2, 64),    # group of 2: two-row narrow (lanes along head_dim) decode tiles
+    (2, 2, 24),    # MHA, head_dim of 3 or 1.5 vectors
 ])
 def test_native_unusual_shapes(native, num_heads, num_kv_heads, head_dim):
     case = make_case((7, 33, 90), (7, 4, 1), num_heads, num_kv_heads, head_dim, block_size=16, seed=2)

@@ -42,8 +42,8 @@ KEEP_BUILDS = 3
 """Finished builds kept per extension (older ones are pruned after a new build)."""
 
 EXTENSION_NAME = "fastdeploy_ops"
-EXTENSION_SOURCES: tuple[str, ...] = ("linear.cc", "norm.cc", "paged_attention.cc", "kv_cache.cc", "rotary_kv.cc",
-                                      "decoder_forward.cc")
+EXTENSION_SOURCES: tuple[str, ...] = ("linear.cc", "norm.cc", "paged_attention.cc", "attention_tiled.cc",
+                                      "kv_cache.cc", "rotary_kv.cc", "decoder_forward.cc")
 """Every op in one extension: fd_decoder_forward calls the other ops' kernels in C++, and Paddle
 refuses to register one op name from two libraries."""
 
