@@ -19,7 +19,9 @@ class ModelConfig:
     use_warmup: bool = False
     """Run one dummy step at start so the first request does not pay one-time costs."""
     quantization: str | None = None
-    """Weight format of the linear layers: None (fp32), "bf16" or "wint8" (int8 weight-only)."""
+    """Weight format of the linear layers: "none" (fp32), "bf16" or "wint8" (8-bit weight-only). None
+    (auto): wint8 for a GGUF file stored in Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks, which wint8 holds
+    exactly, when the native kernels run; fp32 otherwise (ModelRunner's resolve_quantization)."""
     seed: int = 0
     """Seed of the generator shared by requests that set no seed of their own (reproducible runs)."""
 

@@ -59,7 +59,7 @@ def main() -> None:
     ours = run_ours(args.num_prompts, args.max_tokens, args.quantization)
     hf = run_hf(args.hf_python, args.num_prompts, args.max_tokens)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print(f"fastdeploy LLM.generate ({args.quantization or 'fp32'}): {ours['output_tokens']} tokens in {ours['seconds']:.1f} s = "
+    print(f"fastdeploy LLM.generate ({args.quantization or 'auto'}): {ours['output_tokens']} tokens in {ours['seconds']:.1f} s = "
           f"{ours['tokens_per_s']:.1f} tok/s")
     if hf:
         print(f"HF transformers fp32:    {hf['output_tokens']} tokens in {hf['seconds']:.1f} s = "

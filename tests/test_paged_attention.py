@@ -29,16 +29,6 @@ SCENARIOS = {
 HEADS = {"gqa_9_3": (9, 3, 64), "mha_4_4": (4, 4, 64)}
 
 
-@pytest.fixture(scope="module")
-def native() -> None:
-    try:
-        attn.native_ops()
-    except native_build.NativeBuildError as exc:
-        if os.environ.get("FASTDEPLOY_REQUIRE_NATIVE"):
-            pytest.fail(f"native attention ops failed to build and FASTDEPLOY_REQUIRE_NATIVE is set: {exc}")
-        pytest.skip(f"native attention ops unavailable: {str(exc).splitlines()[0]}")
-
-
 @dataclass
 class Case:
     query: np.ndarray           # [num_tokens, num_heads, head_dim]

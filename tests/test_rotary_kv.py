@@ -7,7 +7,6 @@ unless FASTDEPLOY_REQUIRE_NATIVE is set.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import paddle
@@ -15,8 +14,6 @@ import pytest
 
 from fastdeploy.model_executor.forward_batch import ForwardBatch
 from fastdeploy.model_executor.layers.rotary import RotaryEmbedding
-from fastdeploy.model_executor.ops import native_build
-from fastdeploy.model_executor.ops import paged_attention as attn
 from fastdeploy.model_executor.ops import rotary_kv as R
 
 BLOCK = 16
@@ -30,16 +27,6 @@ SCENARIOS = {
     "chunked": [(32, 17), (5, 3), (0, 9), (100, 1)],
     "large_prefill": [(0, 300), (64, 200)],  # above the op's threshold for a parallel loop
 }
-
-
-@pytest.fixture(scope="module")
-def native() -> None:
-    try:
-        attn.native_ops()
-    except native_build.NativeBuildError as exc:
-        if os.environ.get("FASTDEPLOY_REQUIRE_NATIVE"):
-            pytest.fail(f"native attention ops failed to build and FASTDEPLOY_REQUIRE_NATIVE is set: {exc}")
-        pytest.skip(f"native attention ops unavailable: {str(exc).splitlines()[0]}")
 
 
 def rotate_numpy(x: np.ndarray, positions: np.ndarray, head_dim: int, interleaved: bool) -> np.ndarray:

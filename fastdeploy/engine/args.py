@@ -77,7 +77,9 @@ class EngineArgs:
         g.add_argument("--use-warmup", type=_str2bool, nargs="?", const=True, default=False)
         g.add_argument("--seed", type=int, default=0, help="sampling seed for requests without their own")
         g.add_argument("--quantization", default=None, choices=["none", "bf16", "wint8"],
-                       help="weight format of linear layers (default fp32)")
+                       help="weight format of linear layers (default: wint8 for GGUF files in Q4_0/Q4_1/Q5_0/"
+                            "Q5_1/Q8_0 blocks, which it holds exactly, on CPUs with the native kernels; fp32 "
+                            "otherwise)")
         g.add_argument("--block-size", type=int, default=d.block_size)
         g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
         g.add_argument("--kv-cache-ratio", type=float, default=d.kv_cache_ratio)

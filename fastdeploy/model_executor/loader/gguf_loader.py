@@ -93,6 +93,19 @@ def arch_config_from_metadata(meta: dict[str, Any]) -> ModelArchConfig:
     )
 
 
+# GGML block types that wint8 (layers/linear.py: one affine 8-bit grid per 32 weights along K, GGUF's
+# block size) holds exactly: Q8_0's symmetric grid and the min-based grids of the 4- and 5-bit types.
+WINT8_EXACT_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
+                               GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0})
+
+
+def matrix_types(path: str) -> set[GGMLQuantizationType]:
+    """Storage types of the file's weight matrices (every 2-D tensor: the embedding, the output
+    head and the linear layers; norms and biases are 1-D)."""
+    reader = GGUFReader(path)
+    return {GGMLQuantizationType(t.tensor_type) for t in reader.tensors if len(t.shape) == 2}
+
+
 def tensor_to_float32(tensor: Any) -> np.ndarray:
     """Dequantize one GGUF tensor to float32 in [rows, cols] = [out, in] layout."""
     qtype = GGMLQuantizationType(tensor.tensor_type)

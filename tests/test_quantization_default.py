@@ -1,0 +1,57 @@
+"""The default weight format: wint8 for GGUF files stored in blocks wint8 holds exactly (when the
+native kernels run), fp32 for everything else, and an explicit --quantization always wins."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_fixtures import make_tiny_weights, write_gguf, write_safetensors_dir
+
+from fastdeploy.model_executor.layers.linear import linear_backend_name
+from fastdeploy.model_executor.model_runner import ModelRunner, resolve_quantization
+
+NATIVE = linear_backend_name() == "native"
+AUTO_QUANTIZED = "wint8" if NATIVE else "none"  # without the native kernels wint8 would be slower than fp32
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    cfg, weights = make_tiny_weights("llama", seed=5)
+    write_safetensors_dir(root, cfg, weights)
+    files = {"safetensors": root}
+    for qtype in ("F32", "F16", "Q8_0"):
+        files[qtype] = write_gguf(root / f"tiny-{qtype}.gguf", cfg, weights, root / "tokenizer.json", qtype=qtype)
+    return files
+
+
+def test_default_model_is_served_as_wint8(default_model_path):
+    # SmolLM2's file: Q4_1 layers and a Q8_0 embedding.
+    assert resolve_quantization(default_model_path, None) == AUTO_QUANTIZED
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("Q8_0", AUTO_QUANTIZED), ("F16", "none"), ("F32", "none"),
+                                                ("safetensors", "none")])
+def test_auto_follows_the_file_format(tiny_files, kind, expected):
+    assert resolve_quantization(str(tiny_files[kind]), None) == expected
+
+
+@pytest.mark.parametrize("requested", ["none", "bf16", "wint8"])
+def test_explicit_choice_wins(tiny_files, requested):
+    assert resolve_quantization(str(tiny_files["Q8_0"]), requested) == requested
+    assert resolve_quantization(str(tiny_files["F32"]), requested) == requested
+
+
+def test_auto_runner_matches_fp32_on_the_same_weights(tiny_files):
+    # wint8 holds Q8_0 blocks exactly: the logits differ from fp32 only by summation order.
+    path = str(tiny_files["Q8_0"])
+    auto = ModelRunner(path, max_model_len=128)
+    fp32 = ModelRunner(path, max_model_len=128, quantization="none")
+    assert auto.quantization == AUTO_QUANTIZED and fp32.quantization == "none"
+    prompt = [3, 17, 42, 99, 5, 250, 7, 8, 1, 64]
+    logits = []
+    for runner in (auto, fp32):
+        runner.init_kv_cache(num_blocks=4, block_size=16)
+        logits.append(np.asarray(runner.execute([prompt], [0], [[0]], [len(prompt) - 1])[0]))
+    np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-3 * np.abs(logits[1]).max())
