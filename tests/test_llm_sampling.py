@@ -116,4 +116,7 @@ def test_beam_search_returns_best_beam_first(llm):
     normalized = [s / n for s, n in zip(scores, lengths)]
     assert normalized == sorted(normalized, reverse=True)
     greedy = chat(llm, SamplingParams(temperature=0.0, max_tokens=12, logprobs=0), conv)[0].outputs
-    assert normalized[0] >= greedy.cumulative_logprob / max(1, len(greedy.token_ids)) - 1e-6
+    # When the best beam is the greedy sequence itself, the two sums come from different batch
+    # compositions (3 beams vs 1 sequence), whose fp32 logits differ in the last bits: about 1e-6
+    # per token. The bound allows that rounding, not a worse beam.
+    assert normalized[0] >= greedy.cumulative_logprob / max(1, len(greedy.token_ids)) - 1e-4
