@@ -197,6 +197,38 @@ void PrefetchRows(const Problem& p, const int64_t* offsets, int count) {
   }
 }
 
+// The K and V rows of a tile's keys, kKeyTile per step, the next step's rows prefetched when
+// `prefetch` (see PrefetchRows).
+class KeyRows {
+ public:
+  KeyRows(const Problem& p, const Tile& tile, int64_t num_keys, bool prefetch)
+      : p_(p), cursor_(p, tile.seq, tile.kv_head), num_keys_(num_keys), prefetch_(prefetch) {
+    next_count_ = cursor_.Next(num_keys_, next_offsets_);
+  }
+
+  // Points keys[j] and values[j] at the next step's rows and returns how many there are. Past the
+  // end the last row is repeated, so kernels that read keys in fixed groups read valid memory.
+  int Next(const float** keys, const float** values) {
+    const int nk = next_count_;
+    for (int j = 0; j < kKeyTile; ++j) {
+      const int64_t offset = next_offsets_[std::min(j, nk - 1)];
+      keys[j] = p_.key_cache + offset;
+      values[j] = p_.value_cache + offset;
+    }
+    next_count_ = cursor_.Next(num_keys_, next_offsets_);
+    if (prefetch_) PrefetchRows(p_, next_offsets_, next_count_);
+    return nk;
+  }
+
+ private:
+  const Problem& p_;
+  KeyCursor cursor_;
+  int64_t num_keys_;
+  bool prefetch_;
+  int64_t next_offsets_[kKeyTile];
+  int next_count_;
+};
+
 // Online softmax over the tile's keys, 16 at a time: running max, running sum and an accumulator
 // rescaled whenever the max grows.
 void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o) {
@@ -219,20 +251,9 @@ void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o) {
   const float* values[kKeyTile];
   Vec scores[kKeyTile];
 
-  const bool prefetch = rows <= kLanes / 2;
-  KeyCursor cursor(p, tile.seq, tile.kv_head);
-  int64_t next_offsets[kKeyTile];
-  int next_count = cursor.Next(num_keys, next_offsets);
+  KeyRows rows_of_keys(p, tile, num_keys, /*prefetch=*/rows <= kLanes / 2);
   for (int64_t k0 = 0; k0 < num_keys; k0 += kKeyTile) {
-    const int nk = next_count;
-    for (int j = 0; j < kKeyTile; ++j) {
-      // Past the end, repeat the last key so the 8-wide score kernel reads valid memory.
-      const int64_t offset = next_offsets[std::min(j, nk - 1)];
-      keys[j] = p.key_cache + offset;
-      values[j] = p.value_cache + offset;
-    }
-    next_count = cursor.Next(num_keys, next_offsets);
-    if (prefetch) PrefetchRows(p, next_offsets, next_count);
+    const int nk = rows_of_keys.Next(keys, values);
     ScoreEightKeys(keys, qt, d_len, scores);
     if (nk > 8) ScoreEightKeys(keys + 8, qt, d_len, scores + 8);
 
@@ -372,18 +393,9 @@ void AttendNarrowTile(const Problem& p, const Tile& tile, float* qbuf, float* o)
   const float* keys[kKeyTile];
   const float* values[kKeyTile];
 
-  KeyCursor cursor(p, tile.seq, tile.kv_head);
-  int64_t next_offsets[kKeyTile];
-  int next_count = cursor.Next(num_keys, next_offsets);
+  KeyRows rows_of_keys(p, tile, num_keys, /*prefetch=*/true);
   for (int64_t k0 = 0; k0 < num_keys; k0 += kKeyTile) {
-    const int nk = next_count;
-    for (int j = 0; j < kKeyTile; ++j) {
-      const int64_t offset = next_offsets[std::min(j, nk - 1)];  // past the end: repeat the last key
-      keys[j] = p.key_cache + offset;
-      values[j] = p.value_cache + offset;
-    }
-    next_count = cursor.Next(num_keys, next_offsets);
-    PrefetchRows(p, next_offsets, next_count);
+    const int nk = rows_of_keys.Next(keys, values);
     for (int j0 = 0; j0 < nk; j0 += 4) ScoreFourKeysNarrow<R>(q, keys + j0, d_len, scores, j0);
     SoftmaxStepNarrow<R>(scores, nk, run_max, run_sum, probs, alpha);
     UpdateAllNarrow<R>(o, d_len, alpha, probs, values, nk);
