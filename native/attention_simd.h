@@ -1,13 +1,13 @@
 // Vector traits for the tiled paged-attention kernel (paged_attention.cc): one fp32 register of
 // kLanes lanes and the handful of operations the kernel needs, for AVX-512 (16 lanes) and for
-// AVX2 + FMA (8 lanes). The kernel is written once against these; FD_ATTENTION_TILED is defined
-// when either instruction set is available at compile time (-march=native).
+// AVX2 + FMA + F16C (8 lanes). The kernel is written once against these; FD_ATTENTION_TILED is
+// defined when either instruction set is available at compile time (-march=native).
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #define FD_ATTENTION_TILED 1
 #endif
@@ -52,6 +52,8 @@ struct Simd {
   static V Set1(float x) { return _mm512_set1_ps(x); }
   static V Load(const float* p) { return _mm512_load_ps(p); }
   static V LoadU(const float* p) { return _mm512_loadu_ps(p); }
+  // kLanes float16 values (their bits), widened to fp32.
+  static V LoadU(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static void Store(float* p, V v) { _mm512_store_ps(p, v); }
   static void StoreU(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -90,7 +92,7 @@ struct Simd {
 
 };
 
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
 struct Simd {
   using V = __m256;
@@ -104,6 +106,7 @@ struct Simd {
   static V Set1(float x) { return _mm256_set1_ps(x); }
   static V Load(const float* p) { return _mm256_load_ps(p); }
   static V LoadU(const float* p) { return _mm256_loadu_ps(p); }
+  static V LoadU(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static void Store(float* p, V v) { _mm256_store_ps(p, v); }
   static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }

@@ -13,15 +13,22 @@
 // Keys are visited 16 at a time in position order; causality is a lane mask. Single-token tiles of
 // up to three rows (decode) take the narrow kernel instead, with lanes along head_dim (see
 // AttendNarrowTile).
+//
+// The caches hold float32 or float16 (kv_types.h); all arithmetic is fp32. The narrow kernel widens
+// float16 chunks in registers as it loads them (vcvtph2ps); the wide kernel, which broadcasts single
+// key elements, widens each step's 16 rows once into a staging buffer (NextRowsF32).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention_problem.h"
 #include "attention_simd.h"
+#include "kv_types.h"
+#include "thread_pool.h"
 
 namespace fd_paged_attention {
 
@@ -186,19 +193,21 @@ void StoreTileOutputs(const Problem& p, const Tile& tile, const float* o, const 
 // Decode-like tiles (few rows) stream the context from DRAM once with little math per key:
 // prefetching the next 16 rows of K and V while this tile computes hides the latency of the
 // scattered blocks. Wide (prefill) tiles are compute-bound and reread K/V from L2 instead.
+template <typename T>
 void PrefetchRows(const Problem& p, const int64_t* offsets, int count) {
   for (int j = 0; j < count; ++j) {
-    const char* k_next = reinterpret_cast<const char*>(p.key_cache + offsets[j]);
-    const char* v_next = reinterpret_cast<const char*>(p.value_cache + offsets[j]);
-    for (int64_t byte = 0; byte < p.head_dim * static_cast<int64_t>(sizeof(float)); byte += 64) {
+    const char* k_next = reinterpret_cast<const char*>(p.Keys<T>() + offsets[j]);
+    const char* v_next = reinterpret_cast<const char*>(p.Values<T>() + offsets[j]);
+    for (int64_t byte = 0; byte < p.head_dim * static_cast<int64_t>(sizeof(T)); byte += 64) {
       _mm_prefetch(k_next + byte, _MM_HINT_T0);
       _mm_prefetch(v_next + byte, _MM_HINT_T0);
     }
   }
 }
 
-// The K and V rows of a tile's keys, kKeyTile per step, the next step's rows prefetched when
-// `prefetch` (see PrefetchRows).
+// The K and V rows (elements of type T) of a tile's keys, kKeyTile per step, the next step's rows
+// prefetched when `prefetch` (see PrefetchRows).
+template <typename T>
 class KeyRows {
  public:
   KeyRows(const Problem& p, const Tile& tile, int64_t num_keys, bool prefetch)
@@ -208,15 +217,15 @@ class KeyRows {
 
   // Points keys[j] and values[j] at the next step's rows and returns how many there are. Past the
   // end the last row is repeated, so kernels that read keys in fixed groups read valid memory.
-  int Next(const float** keys, const float** values) {
+  int Next(const T** keys, const T** values) {
     const int nk = next_count_;
     for (int j = 0; j < kKeyTile; ++j) {
       const int64_t offset = next_offsets_[std::min(j, nk - 1)];
-      keys[j] = p_.key_cache + offset;
-      values[j] = p_.value_cache + offset;
+      keys[j] = p_.Keys<T>() + offset;
+      values[j] = p_.Values<T>() + offset;
     }
     next_count_ = cursor_.Next(num_keys_, next_offsets_);
-    if (prefetch_) PrefetchRows(p_, next_offsets_, next_count_);
+    if (prefetch_) PrefetchRows<T>(p_, next_offsets_, next_count_);
     return nk;
   }
 
@@ -229,9 +238,37 @@ class KeyRows {
   int next_count_;
 };
 
+// The next step's rows as fp32 for the wide kernel, which broadcasts single key elements: float16
+// rows are widened once into `stage` ([2][kKeyTile][head_dim]) rather than element by element in
+// the inner loop. Padding entries point at the last widened row, as KeyRows's do.
+template <typename T>
+int NextRowsF32(KeyRows<T>& rows, int64_t head_dim, float* stage, const float** keys, const float** values) {
+  if constexpr (std::is_same_v<T, float>) {
+    return rows.Next(keys, values);
+  } else {
+    const T* k_src[kKeyTile];
+    const T* v_src[kKeyTile];
+    const int nk = rows.Next(k_src, v_src);
+    for (int j = 0; j < kKeyTile; ++j) {
+      float* k_dst = stage + std::min(j, nk - 1) * head_dim;
+      float* v_dst = k_dst + kKeyTile * head_dim;
+      if (j < nk) {
+        for (int64_t c = 0; c < head_dim; c += kLanes) {
+          Simd::Store(k_dst + c, Simd::LoadU(k_src[j] + c));
+          Simd::Store(v_dst + c, Simd::LoadU(v_src[j] + c));
+        }
+      }
+      keys[j] = k_dst;
+      values[j] = v_dst;
+    }
+    return nk;
+  }
+}
+
 // Online softmax over the tile's keys, 16 at a time: running max, running sum and an accumulator
-// rescaled whenever the max grows.
-void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o) {
+// rescaled whenever the max grows. stage: 2 x kKeyTile x head_dim floats (float16 caches only).
+template <typename T>
+void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o, float* stage) {
   const int64_t d_len = p.head_dim;
   const int64_t q_len = p.query_start_loc[tile.seq + 1] - p.query_start_loc[tile.seq];
   const int64_t first_pos = p.context_lens[tile.seq] - q_len + tile.tok_begin;
@@ -251,9 +288,9 @@ void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o) {
   const float* values[kKeyTile];
   Vec scores[kKeyTile];
 
-  KeyRows rows_of_keys(p, tile, num_keys, /*prefetch=*/rows <= kLanes / 2);
+  KeyRows<T> rows_of_keys(p, tile, num_keys, /*prefetch=*/rows <= kLanes / 2);
   for (int64_t k0 = 0; k0 < num_keys; k0 += kKeyTile) {
-    const int nk = rows_of_keys.Next(keys, values);
+    const int nk = NextRowsF32(rows_of_keys, d_len, stage, keys, values);
     ScoreEightKeys(keys, qt, d_len, scores);
     if (nk > 8) ScoreEightKeys(keys + 8, qt, d_len, scores + 8);
 
@@ -292,9 +329,10 @@ void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o) {
 
 constexpr int kMaxNarrowRows = 3;
 
-// scores[h][j0 + j] = q[h] . keys[j] for j = 0..3 (q pre-scaled).
-template <int R>
-inline void ScoreFourKeysNarrow(const float* const* q, const float* const* keys, int64_t head_dim,
+// scores[h][j0 + j] = q[h] . keys[j] for j = 0..3 (q pre-scaled). Keys of type T (float, or
+// float16 widened as they are loaded).
+template <int R, typename T>
+inline void ScoreFourKeysNarrow(const float* const* q, const T* const* keys, int64_t head_dim,
                                 float (*scores)[kKeyTile], int j0) {
   Vec acc[R][4];
   for (int h = 0; h < R; ++h) {
@@ -335,9 +373,9 @@ inline void SoftmaxStepNarrow(float (*scores)[kKeyTile], int nk, float* run_max,
 }
 
 // o[h][c0 .. c0 + CHUNKS * kLanes) = o * alpha[h] + sum_j probs[h][j] * v_j, accumulators in registers.
-template <int R, int CHUNKS>
+template <int R, int CHUNKS, typename T>
 inline void UpdateNarrow(float* __restrict o, int64_t head_dim, int64_t c0, const float* alpha,
-                         const float (*probs)[kKeyTile], const float* const* values, int nk) {
+                         const float (*probs)[kKeyTile], const T* const* values, int nk) {
   Vec acc[R][CHUNKS];
   for (int h = 0; h < R; ++h) {
     const Vec scale = Simd::Set1(alpha[h]);
@@ -356,18 +394,20 @@ inline void UpdateNarrow(float* __restrict o, int64_t head_dim, int64_t c0, cons
   }
 }
 
-template <int R>
+template <int R, typename T>
 void UpdateAllNarrow(float* o, int64_t head_dim, const float* alpha, const float (*probs)[kKeyTile],
-                     const float* const* values, int nk) {
+                     const T* const* values, int nk) {
   constexpr int kChunks = Simd::kNarrowChunks;
   const int64_t chunks = head_dim / kLanes;
   int64_t c = 0;
-  for (; c + kChunks <= chunks; c += kChunks) UpdateNarrow<R, kChunks>(o, head_dim, c * kLanes, alpha, probs, values, nk);
+  for (; c + kChunks <= chunks; c += kChunks) {
+    UpdateNarrow<R, kChunks>(o, head_dim, c * kLanes, alpha, probs, values, nk);
+  }
   for (; c < chunks; ++c) UpdateNarrow<R, 1>(o, head_dim, c * kLanes, alpha, probs, values, nk);
 }
 
 // qbuf and o hold at least R x head_dim floats, 64-byte aligned.
-template <int R>
+template <int R, typename T>
 void AttendNarrowTile(const Problem& p, const Tile& tile, float* qbuf, float* o) {
   const int64_t d_len = p.head_dim;
   const int64_t q_len = p.query_start_loc[tile.seq + 1] - p.query_start_loc[tile.seq];
@@ -390,10 +430,10 @@ void AttendNarrowTile(const Problem& p, const Tile& tile, float* qbuf, float* o)
   alignas(64) float scores[R][kKeyTile];
   alignas(64) float probs[R][kKeyTile];
   float alpha[R];
-  const float* keys[kKeyTile];
-  const float* values[kKeyTile];
+  const T* keys[kKeyTile];
+  const T* values[kKeyTile];
 
-  KeyRows rows_of_keys(p, tile, num_keys, /*prefetch=*/true);
+  KeyRows<T> rows_of_keys(p, tile, num_keys, /*prefetch=*/true);
   for (int64_t k0 = 0; k0 < num_keys; k0 += kKeyTile) {
     const int nk = rows_of_keys.Next(keys, values);
     for (int j0 = 0; j0 < nk; j0 += 4) ScoreFourKeysNarrow<R>(q, keys + j0, d_len, scores, j0);
@@ -409,17 +449,18 @@ void AttendNarrowTile(const Problem& p, const Tile& tile, float* qbuf, float* o)
   }
 }
 
-// A tile by the kernel that suits it.
-void AttendAnyTile(const Problem& p, const Tile& tile, float* qt, float* o) {
+// A tile by the kernel that suits it, over a cache of element type T.
+template <typename T>
+void AttendAnyTile(const Problem& p, const Tile& tile, float* qt, float* o, float* stage) {
   if (tile.tok_count == 1 && tile.head_count <= kMaxNarrowRows) {
     switch (tile.head_count) {
-      case 1: AttendNarrowTile<1>(p, tile, qt, o); return;
-      case 2: AttendNarrowTile<2>(p, tile, qt, o); return;
-      case 3: AttendNarrowTile<3>(p, tile, qt, o); return;
+      case 1: AttendNarrowTile<1, T>(p, tile, qt, o); return;
+      case 2: AttendNarrowTile<2, T>(p, tile, qt, o); return;
+      case 3: AttendNarrowTile<3, T>(p, tile, qt, o); return;
       default: break;
     }
   }
-  AttendTile(p, tile, qt, o);
+  AttendTile<T>(p, tile, qt, o, stage);
 }
 
 std::vector<Tile> MakeTiles(const Problem& p) {
@@ -464,14 +505,16 @@ void RunTiled(const Problem& p, int num_threads) {
   int64_t key_visits = 0;
   for (const Tile& tile : tiles) key_visits += tile.cost;
   const bool parallel = num_threads > 1 && num_tiles > 1 && key_visits >= kMinParallelKeyVisits;
-  if (parallel) LimitSpinWait();
-  WorkQueue queue;
-#pragma omp parallel num_threads(num_threads) if (parallel)
-  {
-    AlignedFloats qt(static_cast<size_t>(p.head_dim) * kLanes);
-    AlignedFloats o(static_cast<size_t>(p.head_dim) * kLanes);
-    for (int64_t i = queue.Take(); i < num_tiles; i = queue.Take()) AttendAnyTile(p, tiles[i], qt.get(), o.get());
-  }
+  fd_threads::ParallelFor(num_tiles, parallel ? num_threads : 1, [&](int64_t i) {
+    static thread_local ThreadFloats qt, o, stage;
+    const size_t floats = static_cast<size_t>(p.head_dim) * kLanes;
+    if (p.half_cache) {
+      AttendAnyTile<fd_kv::Half>(p, tiles[i], qt.Get(floats), o.Get(floats),
+                                 stage.Get(2 * kKeyTile * static_cast<size_t>(p.head_dim)));
+    } else {
+      AttendAnyTile<float>(p, tiles[i], qt.Get(floats), o.Get(floats), nullptr);
+    }
+  });
 }
 
 

@@ -1,6 +1,7 @@
 // Scatter of this step's keys/values into the paged KV cache.
 //
-// Cache layout (one pair per layer): [num_blocks, num_kv_heads, block_size, head_dim], fp32.
+// Cache layout (one pair per layer): [num_blocks, num_kv_heads, block_size, head_dim], float32 or
+// float16 (kv_types.h); key/value arrive in float32.
 // Token t goes to slot_mapping[t] = block_id * block_size + offset; a negative slot is padding
 // and is skipped. The caches are registered as in-place inputs (SetInplaceMap), so the kernel
 // writes through the data pointer of the very tensors the caller owns; no output is allocated.
@@ -8,17 +9,44 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kv_types.h"
 #include "paddle/extension.h"
 
 namespace {
 
 void CheckCache(const paddle::Tensor& cache, const char* name) {
   PD_CHECK(cache.is_cpu(), name, " must be a CPU tensor");
-  PD_CHECK(cache.dtype() == paddle::DataType::FLOAT32, name, " must be float32");
+  PD_CHECK(cache.dtype() == paddle::DataType::FLOAT32 || cache.dtype() == paddle::DataType::FLOAT16, name,
+           " must be float32 or float16");
   PD_CHECK(cache.shape().size() == 4, name, " must be [num_blocks, num_kv_heads, block_size, head_dim]");
   // Paddle passes a contiguous copy of a strided input, so this cannot catch a view: the Python
   // wrapper checks is_contiguous() on the original tensor before the call.
   PD_CHECK(cache.is_contiguous(), name, " must be contiguous for an in-place write");
+}
+
+struct Rows {
+  const float* k;
+  const float* v;
+  const int64_t* slots;
+  int64_t num_tokens, num_kv_heads, block_size, head_dim;
+};
+
+// Single-threaded on purpose: even a 512-token prefill moves under 1 MB per layer, less than the
+// cost of waking a second thread.
+template <typename T>
+void Scatter(const Rows& r, T* kc, T* vc) {
+  for (int64_t t = 0; t < r.num_tokens; ++t) {
+    const int64_t slot = r.slots[t];
+    if (slot < 0) continue;
+    const int64_t block = slot / r.block_size;
+    const int64_t offset = slot % r.block_size;
+    for (int64_t h = 0; h < r.num_kv_heads; ++h) {
+      const int64_t dst = ((block * r.num_kv_heads + h) * r.block_size + offset) * r.head_dim;
+      const int64_t src = (t * r.num_kv_heads + h) * r.head_dim;
+      fd_kv::StoreRow(r.k + src, r.head_dim, kc + dst);
+      fd_kv::StoreRow(r.v + src, r.head_dim, vc + dst);
+    }
+  }
 }
 
 void WriteKVCacheKernel(const paddle::Tensor& key, const paddle::Tensor& value,
@@ -27,6 +55,7 @@ void WriteKVCacheKernel(const paddle::Tensor& key, const paddle::Tensor& value,
   CheckCache(key_cache, "key_cache");
   CheckCache(value_cache, "value_cache");
   PD_CHECK(key_cache.shape() == value_cache.shape(), "key_cache and value_cache shapes differ");
+  PD_CHECK(key_cache.dtype() == value_cache.dtype(), "key_cache and value_cache dtypes differ");
   PD_CHECK(key.is_cpu() && value.is_cpu() && slot_mapping.is_cpu(), "write_kv_cache inputs must be on CPU");
   PD_CHECK(key.dtype() == paddle::DataType::FLOAT32 && value.dtype() == paddle::DataType::FLOAT32,
            "key/value must be float32");
@@ -51,28 +80,16 @@ void WriteKVCacheKernel(const paddle::Tensor& key, const paddle::Tensor& value,
   const float* k = k_in.data<float>();
   const float* v = v_in.data<float>();
   const int64_t* slots = slots_in.data<int64_t>();
-  float* kc = key_cache.data<float>();
-  float* vc = value_cache.data<float>();
-
   const int64_t num_slots = num_blocks * block_size;
   for (int64_t t = 0; t < num_tokens; ++t) {
     PD_CHECK(slots[t] < num_slots, "slot ", slots[t], " is outside the cache (", num_slots, " slots)");
   }
-
-  const size_t row_bytes = static_cast<size_t>(head_dim) * sizeof(float);
-  // Single-threaded on purpose: even a 512-token prefill moves under 1 MB per layer, less than
-  // the cost of waking a thread team.
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const int64_t slot = slots[t];
-    if (slot < 0) continue;
-    const int64_t block = slot / block_size;
-    const int64_t offset = slot % block_size;
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
-      const int64_t dst = ((block * num_kv_heads + h) * block_size + offset) * head_dim;
-      const int64_t src = (t * num_kv_heads + h) * head_dim;
-      std::memcpy(kc + dst, k + src, row_bytes);
-      std::memcpy(vc + dst, v + src, row_bytes);
-    }
+  const Rows rows{k, v, slots, num_tokens, num_kv_heads, block_size, head_dim};
+  if (key_cache.dtype() == paddle::DataType::FLOAT16) {
+    Scatter(rows, reinterpret_cast<fd_kv::Half*>(key_cache.data<paddle::float16>()),
+            reinterpret_cast<fd_kv::Half*>(value_cache.data<paddle::float16>()));
+  } else {
+    Scatter(rows, key_cache.data<float>(), value_cache.data<float>());
   }
 }
 

@@ -25,9 +25,7 @@
 //     one panel slice while it sits in L2; quantized slices are dequantized once into a buffer,
 //     and with bf16_dot the activations are rounded to bf16 once and multiplied with vdpbf16ps
 //     at twice the fp32 FMA rate.
-// Threads claim work items (an M block x a run of consecutive panels) from a shared counter.
-
-#include <omp.h>
+// Threads claim work items (an M block x a run of consecutive panels) one at a time.
 
 #include <algorithm>
 #include <array>
@@ -41,6 +39,7 @@
 #include "linear.h"
 #include "linear_kernels.h"
 #include "paddle/extension.h"
+#include "thread_pool.h"
 
 #if FD_LINEAR_SIMD
 
@@ -176,7 +175,7 @@ constexpr std::array<TileFn, kMaxTileRows + 1> MakeTileFns(std::index_sequence<R
 // kTileFns[rows] runs a tile of that many rows (1..kMaxTileRows).
 constexpr std::array<TileFn, kMaxTileRows + 1> kTileFns = MakeTileFns(std::make_index_sequence<kMaxTileRows>());
 
-// Per-thread slice buffers (256 KB each), reused across calls (OpenMP keeps its workers alive).
+// Per-thread slice buffers (256 KB each), reused across calls (the pool's workers live on).
 struct Scratch {
   alignas(64) float f32[kKBlockF32 * kPanel];
   alignas(64) uint16_t bf16[kKBlockBF16 * kPanel];
@@ -300,20 +299,10 @@ void RunBlock(const Problem& p, int64_t m0, int64_t m1, int64_t p0, int64_t p1) 
   if (p.stream_output) _mm_sfence();
 }
 
-// Threads claim work items from an atomic counter instead of taking a fixed half each. On two
-// cores shared with the server's other processes, one thread is often preempted for a while; a
-// static split would leave the whole call waiting for its half, a queue lets the other thread
-// take over the remaining items. (A hand-made queue rather than schedule(dynamic): GCC lowers
-// that to GOMP_loop_*dynamic* entry points that Intel's libiomp5, the runtime Paddle loads, does
-// not all export; see WorkQueue in paged_attention.cc.)
-class WorkQueue {
- public:
-  int64_t Take() { return next_.fetch_add(1, std::memory_order_relaxed); }
-
- private:
-  std::atomic<int64_t> next_{0};
-};
-
+// Threads claim work items one at a time (thread_pool.h) instead of taking a fixed half each. On
+// two cores shared with the server's other processes, one thread is often preempted for a while;
+// a static split would leave the whole call waiting for its half, claiming lets the other thread
+// take over the remaining items.
 // An item is one M block x one run of consecutive panels: a run streams its weights linearly,
 // and there are about kItemsPerThread items per thread to balance with.
 constexpr int64_t kItemsPerThread = 8;
@@ -330,14 +319,12 @@ void Run(const Problem& p, int num_threads) {
   const int64_t m_blocks = (p.m + m_block - 1) / m_block;
   const int64_t runs = std::clamp<int64_t>((threads * kItemsPerThread + m_blocks - 1) / m_blocks, 1, panels);
   const int64_t items = m_blocks * runs;
-  WorkQueue queue;
-#pragma omp parallel num_threads(threads)
-  for (int64_t item = queue.Take(); item < items; item = queue.Take()) {
+  fd_threads::ParallelFor(items, threads, [&](int64_t item) {
     // Consecutive items share an M block, so a thread's activations stay warm in L2.
     const int64_t mb = item / runs;
     const int64_t run = item % runs;
     RunBlock(p, mb * m_block, std::min(p.m, (mb + 1) * m_block), panels * run / runs, panels * (run + 1) / runs);
-  }
+  });
 }
 
 // Per-call copies of the activations (bf16-rounded x, 16-bit x, per-group sums), kept per calling
@@ -353,8 +340,7 @@ T* ScratchArray(int64_t elements) {
 #ifdef __AVX512BF16__
 void RoundToBF16(const float* x, int64_t m, int64_t k, uint16_t* out, int num_threads) {
   const int threads = m * k >= (1 << 15) ? std::max(num_threads, 1) : 1;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t row = 0; row < m; ++row) RoundRowToBF16(x + row * k, k, out + row * k);
+  fd_threads::ParallelFor(m, threads, [&](int64_t row) { RoundRowToBF16(x + row * k, k, out + row * k); });
 }
 #endif
 
@@ -419,11 +405,10 @@ void PrepareActivations(fd_linear::Problem& p, int bf16_dot_min_rows, bool vnni,
     float* step = fd_linear::ScratchArray<float, 1>(p.m * groups);
     float* qsum = fd_linear::ScratchArray<float, 2>(p.m * groups);
     const int threads = p.m * p.k >= (1 << 15) ? std::max(num_threads, 1) : 1;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t row = 0; row < p.m; ++row) {
+    fd_threads::ParallelFor(p.m, threads, [&](int64_t row) {
       fd_linear::QuantizeRow16(p.x + row * p.k, p.k, p.group, hi + row * p.k, lo + row * p.k, step + row * groups,
                                qsum + row * groups);
-    }
+    });
     p.x_hi = hi;
     p.x_lo = lo;
     p.x_step = step;

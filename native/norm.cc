@@ -11,8 +11,6 @@
 // dispatches) with one: at decode a layer is two norms and one SiLU gate, and Paddle's per-op
 // overhead (~5 us each) costs more than the arithmetic.
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +23,7 @@
 #include "linear.h"
 #include "norm.h"
 #include "paddle/extension.h"
+#include "thread_pool.h"
 
 namespace {
 
@@ -143,11 +142,12 @@ std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x, const paddle::Tenso
   float* op = out.data<float>();
   float* rop = has_residual ? res_out.data<float>() : nullptr;
   const int threads = ThreadsFor(m * h, num_threads);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t row = 0; row < m; ++row) {
-    RmsNormRow(xp + row * h, rp != nullptr ? rp + row * h : nullptr, wp, h, eps, op + row * h,
-               rop != nullptr ? rop + row * h : nullptr);
-  }
+  fd_threads::ParallelChunks(m, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      RmsNormRow(xp + row * h, rp != nullptr ? rp + row * h : nullptr, wp, h, eps, op + row * h,
+                 rop != nullptr ? rop + row * h : nullptr);
+    }
+  });
   return {out, res_out};
 }
 
@@ -203,8 +203,9 @@ std::vector<paddle::Tensor> SiluMulKernel(const paddle::Tensor& x, int num_threa
   const float* xp = x_c.data<float>();
   float* op = out.data<float>();
   const int threads = ThreadsFor(m * n, num_threads);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t row = 0; row < m; ++row) SiluMulRow(xp + row * 2 * n, xp + row * 2 * n + n, n, op + row * n);
+  fd_threads::ParallelChunks(m, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) SiluMulRow(xp + row * 2 * n, xp + row * 2 * n + n, n, op + row * n);
+  });
   return {out};
 }
 

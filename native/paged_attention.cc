@@ -7,7 +7,7 @@
 // The vector kernels (AVX-512 or AVX2 + FMA, tiles of a GQA group's rows) are in
 // attention_tiled.cc; this file has the op, its metadata checks and the portable scalar kernel
 // (neither ISA, or a head_dim the vector kernels do not take), which computes one (token, head) row
-// at a time with a two-pass softmax.
+// at a time with a two-pass softmax. The caches are float32 or float16 (kv_types.h).
 
 #include <algorithm>
 #include <cmath>
@@ -17,17 +17,19 @@
 
 #include "attention.h"
 #include "attention_problem.h"
+#include "kv_types.h"
 #include "paddle/extension.h"
+#include "thread_pool.h"
 
 namespace {
 
-using fd_paged_attention::LimitSpinWait;
 using fd_paged_attention::Problem;
-using fd_paged_attention::WorkQueue;
+using fd_paged_attention::ThreadFloats;
 
 // ---------------------------------------------------------------------------------------------
 // Scalar path: one (token, head) row at a time.
 
+template <typename T>
 void AttendRowScalar(const Problem& p, int64_t seq, int64_t token, int64_t head, int64_t qpos,
                      float* scores) {
   const int64_t d_len = p.head_dim;
@@ -37,10 +39,10 @@ void AttendRowScalar(const Problem& p, int64_t seq, int64_t token, int64_t head,
 
   float max_score = -std::numeric_limits<float>::infinity();
   for (int64_t pos = 0; pos <= qpos; ++pos) {
-    const float* __restrict k = p.key_cache + p.CacheOffset(seq, kv_head, pos);
+    const T* __restrict k = p.Keys<T>() + p.CacheOffset(seq, kv_head, pos);
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < d_len; ++d) dot += q[d] * k[d];
+    for (int64_t d = 0; d < d_len; ++d) dot += q[d] * fd_kv::ToFloat(k[d]);
     scores[pos] = dot * p.scale;
     max_score = std::max(max_score, scores[pos]);
   }
@@ -51,10 +53,10 @@ void AttendRowScalar(const Problem& p, int64_t seq, int64_t token, int64_t head,
   }
   for (int64_t d = 0; d < d_len; ++d) o[d] = 0.f;
   for (int64_t pos = 0; pos <= qpos; ++pos) {
-    const float* __restrict v = p.value_cache + p.CacheOffset(seq, kv_head, pos);
+    const T* __restrict v = p.Values<T>() + p.CacheOffset(seq, kv_head, pos);
     const float w = scores[pos];
 #pragma omp simd
-    for (int64_t d = 0; d < d_len; ++d) o[d] += w * v[d];
+    for (int64_t d = 0; d < d_len; ++d) o[d] += w * fd_kv::ToFloat(v[d]);
   }
   const float inv = 1.f / sum;
   for (int64_t d = 0; d < d_len; ++d) o[d] *= inv;
@@ -66,20 +68,20 @@ void RunScalar(const Problem& p, int64_t max_context, int num_threads) {
     for (int64_t t = p.query_start_loc[s]; t < p.query_start_loc[s + 1]; ++t) token_seq[t] = s;
   }
   const int64_t rows = p.num_tokens * p.num_heads;
-  if (num_threads > 1) LimitSpinWait();
-  WorkQueue queue;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && rows > 1)
-  {
-    std::vector<float> scores(static_cast<size_t>(std::max<int64_t>(max_context, 1)));
-    for (int64_t row = queue.Take(); row < rows; row = queue.Take()) {
-      const int64_t token = row / p.num_heads;
-      const int64_t head = row % p.num_heads;
-      const int64_t seq = token_seq[token];
-      const int64_t q_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
-      const int64_t qpos = p.context_lens[seq] - q_len + (token - p.query_start_loc[seq]);
-      AttendRowScalar(p, seq, token, head, qpos, scores.data());
+  fd_threads::ParallelFor(rows, num_threads, [&](int64_t row) {
+    static thread_local ThreadFloats scores;
+    const int64_t token = row / p.num_heads;
+    const int64_t head = row % p.num_heads;
+    const int64_t seq = token_seq[token];
+    const int64_t q_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
+    const int64_t qpos = p.context_lens[seq] - q_len + (token - p.query_start_loc[seq]);
+    float* row_scores = scores.Get(static_cast<size_t>(std::max<int64_t>(max_context, 1)));
+    if (p.half_cache) {
+      AttendRowScalar<fd_kv::Half>(p, seq, token, head, qpos, row_scores);
+    } else {
+      AttendRowScalar<float>(p, seq, token, head, qpos, row_scores);
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -122,8 +124,9 @@ std::vector<paddle::Tensor> PagedAttentionKernel(const paddle::Tensor& query, co
     PD_CHECK(t->is_cpu(), "paged_attention (native) takes CPU tensors only");
   }
   PD_CHECK(query.dtype() == paddle::DataType::FLOAT32, "query must be float32");
-  PD_CHECK(key_cache.dtype() == paddle::DataType::FLOAT32 && value_cache.dtype() == paddle::DataType::FLOAT32,
-           "caches must be float32");
+  PD_CHECK(key_cache.dtype() == value_cache.dtype() && (key_cache.dtype() == paddle::DataType::FLOAT32 ||
+                                                        key_cache.dtype() == paddle::DataType::FLOAT16),
+           "the caches must both be float32 or both float16");
   PD_CHECK(block_tables.dtype() == paddle::DataType::INT32 && context_lens.dtype() == paddle::DataType::INT32 &&
                query_start_loc.dtype() == paddle::DataType::INT32,
            "block_tables, context_lens and query_start_loc must be int32");
@@ -160,8 +163,14 @@ std::vector<paddle::Tensor> PagedAttentionKernel(const paddle::Tensor& query, co
   if (p.num_tokens == 0) return {out};
 
   p.query = q_c.data<float>();
-  p.key_cache = kc_c.data<float>();
-  p.value_cache = vc_c.data<float>();
+  p.half_cache = key_cache.dtype() == paddle::DataType::FLOAT16;
+  if (p.half_cache) {
+    p.key_cache = kc_c.data<paddle::float16>();
+    p.value_cache = vc_c.data<paddle::float16>();
+  } else {
+    p.key_cache = kc_c.data<float>();
+    p.value_cache = vc_c.data<float>();
+  }
   p.block_tables = bt_c.data<int32_t>();
   p.context_lens = cl_c.data<int32_t>();
   p.query_start_loc = qsl_c.data<int32_t>();

@@ -7,7 +7,7 @@
 // token's q heads are rotated into the fresh output q; its k heads are rotated straight into the
 // key cache and its v heads copied into the value cache at slot_mapping[t] (block * block_size +
 // offset; negative = padding, nothing written). The caches are in-place inputs (SetInplaceMap),
-// layout [num_blocks, Hkv, block_size, D] fp32, as in kv_cache.cc.
+// layout [num_blocks, Hkv, block_size, D], float32 or float16, as in kv_cache.cc.
 //
 // Pairings (attribute `interleaved`): false rotates (x[i], x[i + D/2]) with angle i (HF
 // Llama/Qwen2 "rotate_half"); true rotates (x[2i], x[2i + 1]) with angle i (ERNIE 4.5).
@@ -24,7 +24,9 @@
 #include <vector>
 
 #include "attention.h"
+#include "kv_types.h"
 #include "paddle/extension.h"
+#include "thread_pool.h"
 
 namespace {
 
@@ -81,11 +83,13 @@ struct Pointers {
   const float* sin;
   const int64_t* slots;
   float* q;
-  float* key_cache;
-  float* value_cache;
+  void* key_cache;    // float or fd_kv::Half, as the caches' dtype
+  void* value_cache;
 };
 
-// Token t: rotate its q heads into q, its k heads into the cache, copy its v heads.
+// Token t: rotate its q heads into q, its k heads into the cache, copy its v heads (converted to
+// the cache's element type T).
+template <typename T>
 void ProcessToken(const Pointers& p, const Dims& d, bool interleaved, int64_t t) {
   const int64_t half = d.head_dim / 2;
   const int64_t pos = p.positions[t];
@@ -102,10 +106,19 @@ void ProcessToken(const Pointers& p, const Dims& d, bool interleaved, int64_t t)
   const int64_t offset = slot % d.block_size;
   const float* k = row + d.heads * d.head_dim;
   const float* v = k + d.kv_heads * d.head_dim;
+  T* key_cache = static_cast<T*>(p.key_cache);
+  T* value_cache = static_cast<T*>(p.value_cache);
   for (int64_t h = 0; h < d.kv_heads; ++h) {
     const int64_t dst = ((block * d.kv_heads + h) * d.block_size + offset) * d.head_dim;
-    rotate(k + h * d.head_dim, cos, sin, half, p.key_cache + dst);
-    std::memcpy(p.value_cache + dst, v + h * d.head_dim, static_cast<size_t>(d.head_dim) * sizeof(float));
+    if constexpr (std::is_same_v<T, float>) {
+      rotate(k + h * d.head_dim, cos, sin, half, key_cache + dst);
+    } else {
+      static thread_local std::vector<float> rotated;
+      rotated.resize(static_cast<size_t>(d.head_dim));
+      rotate(k + h * d.head_dim, cos, sin, half, rotated.data());
+      fd_kv::StoreRow(rotated.data(), d.head_dim, key_cache + dst);
+    }
+    fd_kv::StoreRow(v + h * d.head_dim, d.head_dim, value_cache + dst);
   }
 }
 
@@ -115,9 +128,12 @@ void CheckInputs(const paddle::Tensor& qkv, const paddle::Tensor& positions, con
   for (const paddle::Tensor* t : {&qkv, &positions, &cos, &sin, &key_cache, &value_cache, &slot_mapping}) {
     PD_CHECK(t->is_cpu(), "fd_rotary_kv inputs must be CPU tensors");
   }
-  for (const paddle::Tensor* t : {&qkv, &cos, &sin, &key_cache, &value_cache}) {
-    PD_CHECK(t->dtype() == paddle::DataType::FLOAT32, "qkv, cos, sin and the caches must be float32");
+  for (const paddle::Tensor* t : {&qkv, &cos, &sin}) {
+    PD_CHECK(t->dtype() == paddle::DataType::FLOAT32, "qkv, cos and sin must be float32");
   }
+  PD_CHECK(key_cache.dtype() == value_cache.dtype() && (key_cache.dtype() == paddle::DataType::FLOAT32 ||
+                                                        key_cache.dtype() == paddle::DataType::FLOAT16),
+           "the caches must both be float32 or both float16");
   PD_CHECK(positions.dtype() == paddle::DataType::INT64 && slot_mapping.dtype() == paddle::DataType::INT64,
            "positions and slot_mapping must be int64");
   PD_CHECK(key_cache.shape().size() == 4 && key_cache.shape() == value_cache.shape(),
@@ -169,14 +185,24 @@ std::vector<paddle::Tensor> RotaryKVKernel(const paddle::Tensor& qkv, const padd
   const paddle::Tensor cos_c = Contiguous(cos);
   const paddle::Tensor sin_c = Contiguous(sin);
   const paddle::Tensor slots_c = Contiguous(slot_mapping);
+  const bool half = key_cache.dtype() == paddle::DataType::FLOAT16;
+  void* kc = half ? static_cast<void*>(key_cache.data<paddle::float16>()) : key_cache.data<float>();
+  void* vc = half ? static_cast<void*>(value_cache.data<paddle::float16>()) : value_cache.data<float>();
   const Pointers p{qkv_c.data<float>(), pos_c.data<int64_t>(), cos_c.data<float>(), sin_c.data<float>(),
-                   slots_c.data<int64_t>(), q.data<float>(), key_cache.data<float>(), value_cache.data<float>()};
+                   slots_c.data<int64_t>(), q.data<float>(), kc, vc};
   CheckIndices(p.positions, p.slots, d);
   const int64_t elements = qkv.numel();
   const int threads = elements >= kMinParallelElements ? std::max(num_threads, 1) : 1;
   // Tokens write disjoint q rows and (distinct slots) disjoint cache rows: no synchronization.
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t t = 0; t < d.tokens; ++t) ProcessToken(p, d, interleaved, t);
+  fd_threads::ParallelChunks(d.tokens, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (half) {
+        ProcessToken<fd_kv::Half>(p, d, interleaved, t);
+      } else {
+        ProcessToken<float>(p, d, interleaved, t);
+      }
+    }
+  });
   return {q};
 }
 

@@ -1,9 +1,10 @@
 """Micro-benchmark of paged attention: native C++ op vs the plain-Paddle reference.
 
 Shapes follow SmolLM2-135M (9 query heads, 3 kv heads, head_dim 64), block_size 16, shuffled
-block tables. Cases: decode (32 sequences x 512 context, and 1 x 2048, one query each) and a
-512-token prefill. Prints milliseconds per call (median of --iters after --warmup calls) of the
-reference, the native op's default (vector) kernel and its portable scalar kernel, in one run.
+block tables. Cases: decode (32 sequences x 512 or x 2048 context, and 1 x 2048, one query each)
+and a 512-token prefill. Prints milliseconds per call (median of --iters after --warmup calls) of
+the reference, the native op's default (vector) kernel, its portable scalar kernel, and the vector
+kernel over the same K/V in float16 caches, in one run.
 
     .venv/bin/python scripts/bench_attention.py [--iters 20] [--threads N]
 
@@ -69,6 +70,8 @@ def main() -> None:
 
     cases = {
         "decode 32 seqs x 512 ctx": make_case([512] * 32, [1] * 32),
+        # 100 MB of fp32 K/V: past the L3, as a whole model's caches are.
+        "decode 32 seqs x 2048 ctx": make_case([2048] * 32, [1] * 32),
         "decode 1 seq x 2048 ctx": make_case([2048], [1]),
         "prefill 512 tokens": make_case([512], [512]),
     }
@@ -89,9 +92,13 @@ def main() -> None:
                                  args.iters)
                 scalar_ms = time_ms(lambda: attn.native_paged_attention(*case, scalar=True, num_threads=threads),
                                     args.warmup, args.iters)
+                half = (case[0], case[1].astype("float16"), case[2].astype("float16"), *case[3:])
+                half_ms = time_ms(lambda: attn.native_paged_attention(*half, num_threads=threads), args.warmup,
+                                  args.iters)
                 err = float((attn.native_paged_attention(*case) - attn.reference_paged_attention(*case)).abs().max())
                 line += (f"   native {nat_ms:8.3f} ms ({ref_ms / nat_ms:5.1f}x)   native scalar {scalar_ms:8.3f} ms"
-                         f"   vector/scalar {nat_ms / scalar_ms:4.2f}x   max|diff| {err:.1e}")
+                         f"   vector/scalar {nat_ms / scalar_ms:4.2f}x   float16 cache {half_ms:8.3f} ms"
+                         f" ({half_ms / nat_ms:4.2f}x fp32)   max|diff| {err:.1e}")
             print(line, flush=True)
 
 

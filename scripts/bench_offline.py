@@ -1,6 +1,7 @@
 """Offline throughput: fastdeploy LLM.generate vs HF transformers fp32, same prompts, same run.
 
     .venv/bin/python scripts/bench_offline.py [--num-prompts 64] [--max-tokens 128] [--quantization wint8]
+        [--kv-cache-dtype float32]
 
 Both generate exactly --max-tokens tokens per prompt (EOS ignored) greedily. The HF peer runs in
 .venv-ref (torch CPU; `make golden` creates it); without it only our figure is printed.
@@ -23,11 +24,12 @@ from bench_prompts import chat_prompts  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_ours(num_prompts: int, max_tokens: int, quantization: str | None) -> dict[str, float]:
+def run_ours(num_prompts: int, max_tokens: int, quantization: str | None,
+             kv_cache_dtype: str = "auto") -> dict[str, float]:
     from fastdeploy import LLM, SamplingParams
 
     llm = LLM(model="smollm2-135m-instruct", max_model_len=2048, max_num_seqs=num_prompts,
-              quantization=quantization)
+              quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.chat(chat_prompts(2), params, use_tqdm=False)  # warm-up outside the timed region
     start = time.perf_counter()
@@ -54,13 +56,14 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--quantization", default=None, choices=["none", "bf16", "wint8"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16"])
     ap.add_argument("--hf-python", type=Path, default=ROOT / ".venv-ref" / "bin" / "python")
     args = ap.parse_args()
-    ours = run_ours(args.num_prompts, args.max_tokens, args.quantization)
+    ours = run_ours(args.num_prompts, args.max_tokens, args.quantization, args.kv_cache_dtype)
     hf = run_hf(args.hf_python, args.num_prompts, args.max_tokens)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print(f"fastdeploy LLM.generate ({args.quantization or 'auto'}): {ours['output_tokens']} tokens in {ours['seconds']:.1f} s = "
-          f"{ours['tokens_per_s']:.1f} tok/s")
+    print(f"fastdeploy LLM.generate (weights {args.quantization or 'auto'}, KV {args.kv_cache_dtype}): "
+          f"{ours['output_tokens']} tokens in {ours['seconds']:.1f} s = {ours['tokens_per_s']:.1f} tok/s")
     if hf:
         print(f"HF transformers fp32:    {hf['output_tokens']} tokens in {hf['seconds']:.1f} s = "
               f"{hf['tokens_per_s']:.1f} tok/s")

@@ -31,7 +31,7 @@ def llm(default_model_path):
     from fastdeploy import LLM
 
     return LLM(model=default_model_path, max_model_len=2048, num_gpu_blocks_override=256, max_num_seqs=32,
-               quantization="none")
+               quantization="none", kv_cache_dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def runner(default_model_path):
-    r = ModelRunner(default_model_path, max_model_len=2048, quantization="none")
+    r = ModelRunner(default_model_path, max_model_len=2048, quantization="none", kv_cache_dtype="float32")
     r.init_kv_cache(num_blocks=2048 // BLOCK, block_size=BLOCK)
     return r
 

@@ -49,7 +49,8 @@ def test_prefix_cache_second_run_matches(llm, golden):
 @pytest.fixture(scope="module")
 def chunked_llm(default_model_path):
     return LLM(model=default_model_path, max_model_len=2048, num_gpu_blocks_override=128,
-               max_num_batched_tokens=64, enable_prefix_caching=False, quantization="none")
+               max_num_batched_tokens=64, enable_prefix_caching=False, quantization="none",
+               kv_cache_dtype="float32")
 
 
 def test_chunked_prefill_of_64_matches_golden(chunked_llm, golden):
@@ -62,7 +63,7 @@ def test_chunked_prefill_of_64_matches_golden(chunked_llm, golden):
 def test_preemption_under_a_tiny_pool_matches_golden(default_model_path, golden):
     # 16 prompts need far more than 80 blocks of 16 tokens at once (the longest alone needs 67): preemption.
     small = LLM(model=default_model_path, max_model_len=2048, num_gpu_blocks_override=80, block_size=16,
-                max_num_seqs=16, quantization="none")
+                max_num_seqs=16, quantization="none", kv_cache_dtype="float32")
     prompts, expected = sixteen(golden)
     outs = small.generate(prompts, GREEDY, use_tqdm=False)
     assert small.engine.stats().num_preemptions > 0

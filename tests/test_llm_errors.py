@@ -59,10 +59,20 @@ def test_sampling_params_list_length_mismatch(llm):
     ({"block_size": 48}, "block-size"),
     ({"quantization": "fp8"}, "quantization"),
     ({"dtype": "bfloat16"}, "dtype"),
+    ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype"),
 ])
 def test_unsupported_engine_options_fail_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EngineArgs.from_kwargs(**kwargs).create_engine_config()
+
+
+def test_kv_cache_dtype_flag_reaches_the_config():
+    import argparse
+
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = EngineArgs.from_cli_args(parser.parse_args(["--kv-cache-dtype", "float32"]))
+    assert args.create_engine_config().cache_config.kv_cache_dtype == "float32"
+    assert EngineArgs().create_engine_config().cache_config.kv_cache_dtype == "auto"
 
 
 def test_unknown_engine_kwarg():

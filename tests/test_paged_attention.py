@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import paddle
@@ -200,6 +200,37 @@ def test_strided_query_and_key_views(native):
     np.testing.assert_array_equal(caches["native"][0].numpy()[0, :, 0], new_k.numpy()[0])
 
 
+def as_float16_cache(case: Case) -> Case:
+    """The same case with float16 caches; the dense K/V become the values the cache now holds."""
+    def rounded(xs: list[np.ndarray]) -> list[np.ndarray]:
+        return [x.astype(np.float16).astype(np.float32) for x in xs]
+
+    return replace(case, key_cache=case.key_cache.astype(np.float16), value_cache=case.value_cache.astype(np.float16),
+                   keys=rounded(case.keys), values=rounded(case.values))
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 1, 128), (6, 2, 40)], ids=["gqa", "mqa", "d40"])
+def test_native_float16_cache(native, scenario, heads):
+    """Float16 caches: the narrow, wide and scalar kernels widen what the cache holds and compute
+    in fp32, so they match textbook attention over the float16-rounded K/V to fp32 accuracy."""
+    case = as_float16_cache(make_case(CONTEXT_LENS, SCENARIOS[scenario], *heads, block_size=16, seed=5))
+    want = dense_attention(case)
+    with paddle.no_grad():
+        reference = attn.reference_paged_attention(*case.tensors()).numpy()
+        fast = attn.native_paged_attention(*case.tensors(), num_threads=2).numpy()
+        portable = attn.native_paged_attention(*case.tensors(), scalar=True).numpy()
+    for got in (reference, fast, portable):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_native_refuses_mixed_cache_dtypes(native):
+    case = make_case((20,), (1,), 4, 4, 64, block_size=16)
+    q, k, v, *rest = case.tensors()
+    with pytest.raises(Exception, match="must both be float32 or both float16"):
+        attn.native_paged_attention(q, k.astype("float16"), v, *rest)
+
+
 def test_native_rejects_block_id_outside_cache(native):
     case = make_case((20,), (20,), 4, 4, 64, block_size=16)
     case.block_tables[0, 1] = case.key_cache.shape[0]
@@ -269,6 +300,24 @@ def test_write_kv_cache_native_equals_reference(native):
                                   paddle.to_tensor(slots))
     for got, want in zip(caches["native"], caches["reference"]):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("impl", ["native", "reference"])
+def test_write_kv_cache_float16(request, impl):
+    """Into float16 caches: each value rounded to nearest (numpy's float16 conversion), bit for bit."""
+    if impl == "native":
+        request.getfixturevalue("native")
+    write = attn.native_write_kv_cache if impl == "native" else attn.reference_write_kv_cache
+    base_k, base_v, key, value, slots = write_inputs(seed=6)
+    key_cache = paddle.to_tensor(base_k.astype(np.float16))
+    value_cache = paddle.to_tensor(base_v.astype(np.float16))
+    with paddle.no_grad():
+        write(paddle.to_tensor(key), paddle.to_tensor(value), key_cache, value_cache, paddle.to_tensor(slots))
+    want_k, want_v = expected_write(base_k.astype(np.float16), base_v.astype(np.float16), key.astype(np.float16),
+                                    value.astype(np.float16), slots)
+    assert key_cache.dtype == paddle.float16
+    np.testing.assert_array_equal(key_cache.numpy(), want_k)
+    np.testing.assert_array_equal(value_cache.numpy(), want_v)
 
 
 @pytest.mark.parametrize("impl", ["native", "reference"])

@@ -61,3 +61,33 @@ def test_auto_runner_matches_fp32_on_the_same_weights(tiny_files, auto_quantized
         runner.init_kv_cache(num_blocks=4, block_size=16)
         logits.append(np.asarray(runner.execute([prompt], [0], [[0]], [len(prompt) - 1])[0]))
     np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-3 * np.abs(logits[1]).max())
+
+
+# The KV cache's default element type follows the attention backend.
+
+def test_kv_cache_dtype_auto_is_float16_on_native_attention(native):
+    from fastdeploy.model_executor.model_runner import resolve_kv_cache_dtype
+    from fastdeploy.model_executor.ops import paged_attention as attn
+
+    assert attn.attention_backend_name() == attn.NATIVE
+    assert resolve_kv_cache_dtype(None) == resolve_kv_cache_dtype("auto") == "float16"
+    assert resolve_kv_cache_dtype("float32") == "float32"
+
+
+def test_kv_cache_dtype_auto_is_float32_on_the_reference(monkeypatch):
+    from fastdeploy.model_executor.model_runner import resolve_kv_cache_dtype
+    from fastdeploy.model_executor.ops import paged_attention as attn
+
+    monkeypatch.setattr(attn, "attention_backend_name", lambda: attn.REFERENCE)
+    assert resolve_kv_cache_dtype("auto") == "float32"
+    assert resolve_kv_cache_dtype("float16") == "float16"  # asked for: the reference reads it too
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        resolve_kv_cache_dtype("bfloat16")
+
+
+def test_runner_allocates_and_sizes_the_cache_in_its_dtype(default_model_path):
+    runner = ModelRunner(default_model_path, max_model_len=128, kv_cache_dtype="float16")
+    runner.init_kv_cache(num_blocks=4, block_size=16)
+    key, value = runner.kv_caches[0]
+    assert str(key.dtype) == str(value.dtype) == "paddle.float16"
+    assert runner.model.kv_bytes_per_block(16, "float16") * 2 == runner.model.kv_bytes_per_block(16, "float32")

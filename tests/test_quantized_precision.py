@@ -1,5 +1,6 @@
-"""Issue 6: precision modes beyond fp32 keep greedy output equal to fp32 wherever the top-2 logit
-gap exceeds 0.25 (the golden file records the fp32 reference's gap at every step)."""
+"""Issue 6: precision modes beyond fp32 (weights in bf16 or wint8, a float16 KV cache, and the
+default wint8 + float16 pairing) keep greedy output equal to fp32 wherever the top-2 logit gap
+exceeds 0.25 (the golden file records the fp32 reference's gap at every step)."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,11 @@ from fastdeploy import LLM, SamplingParams
 GAP = 0.25
 
 
-@pytest.mark.parametrize("quant", ["bf16", "wint8"])
-def test_greedy_matches_fp32_where_the_gap_is_clear(quant, default_model_path, golden):
-    llm = LLM(model=default_model_path, max_model_len=2048, num_gpu_blocks_override=256, quantization=quant)
+@pytest.mark.parametrize("quant, kv_cache_dtype", [("bf16", "float32"), ("wint8", "float32"), ("none", "float16"),
+                                                    ("wint8", "float16")])
+def test_greedy_matches_fp32_where_the_gap_is_clear(quant, kv_cache_dtype, default_model_path, golden):
+    llm = LLM(model=default_model_path, max_model_len=2048, num_gpu_blocks_override=256, quantization=quant,
+              kv_cache_dtype=kv_cache_dtype)
     cases = golden["cases"]
     outs = llm.generate([c["prompt_ids"] for c in cases], SamplingParams(temperature=0.0, max_tokens=48),
                         use_tqdm=False)

@@ -117,6 +117,29 @@ def test_native_matches_reference_and_numpy(native, scenario, heads, interleaved
         np.testing.assert_allclose(r, w, rtol=0, atol=5e-6 * max(1.0, np.abs(w).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+@pytest.mark.parametrize("scenario", ["decode", "chunked", "large_prefill"])
+def test_float16_cache(native, scenario, interleaved):
+    """Float16 caches: native and reference store the same bits (paddle's rounding), which are the
+    numpy rotation rounded to float16; q stays float32 and unchanged."""
+    heads = HEADS["gqa_9_3_64"]
+    rotary = RotaryEmbedding(heads[2], MAX_POS, THETA, interleaved)
+    batch = make_batch(scenario, seed=3)
+    qkv, slots, kc, vc = make_inputs(batch, heads, seed=4, pad_every=3 if scenario == "chunked" else 0)
+    caches = (kc.astype(np.float16), vc.astype(np.float16))
+    positions = batch.positions.numpy()
+    got = run("native", qkv, positions, slots, caches, rotary, heads)
+    want = run("reference", qkv, positions, slots, caches, rotary, heads)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert got[1].dtype == np.float16 and got[2].dtype == np.float16
+    q, k, v = expected(qkv, positions, slots, caches, heads, interleaved)
+    np.testing.assert_allclose(got[0], q, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got[2], v.astype(np.float16))  # the values themselves, rounded once
+    # float16 keeps 11 significant bits: half an ulp is 2**-11 relative (plus fp32 rotation error).
+    np.testing.assert_allclose(got[1].astype(np.float64), k, rtol=2.0 ** -10, atol=2.0 ** -24)
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_dispatcher_and_threads(native, interleaved):
     """rotary_write_kv picks the native op on CPU; a single thread and two give the same result."""

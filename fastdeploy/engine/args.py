@@ -32,6 +32,7 @@ class EngineArgs:
     kv_cache_ratio: float = CacheConfig.kv_cache_ratio
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = CacheConfig.kv_cache_dtype
     max_num_seqs: int = SchedulerConfig.max_num_seqs
     max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
     scheduler_name: str = "local"
@@ -55,7 +56,8 @@ class EngineArgs:
             cache_config=CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                                      kv_cache_ratio=self.kv_cache_ratio,
                                      num_gpu_blocks_override=self.num_gpu_blocks_override,
-                                     enable_prefix_caching=self.enable_prefix_caching),
+                                     enable_prefix_caching=self.enable_prefix_caching,
+                                     kv_cache_dtype=self.kv_cache_dtype),
             scheduler_config=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                              max_num_batched_tokens=self.max_num_batched_tokens,
                                              scheduler_name=self.scheduler_name),
@@ -86,6 +88,9 @@ class EngineArgs:
         g.add_argument("--num-gpu-blocks-override", type=int, default=None)
         g.add_argument("--enable-prefix-caching", type=_str2bool, nargs="?", const=True, default=True)
         g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "float32", "float16"],
+                       help="KV cache element type (default auto: float16 where the native CPU attention kernels "
+                            "run, float32 otherwise)")
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
         g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
         g.add_argument("--scheduler-name", default="local")

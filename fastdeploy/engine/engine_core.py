@@ -113,7 +113,7 @@ class EngineCore:
         self.config = config
         self.model_path = resolve_model(config.model_config.model)
         self.runner = ModelRunner(self.model_path, config.model_config.max_model_len,
-                                  config.model_config.quantization)
+                                  config.model_config.quantization, config.cache_config.kv_cache_dtype)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.arch.vocab_size
         self.eos_token_ids = list(self.runner.arch.eos_token_ids)

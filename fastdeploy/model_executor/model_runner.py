@@ -49,10 +49,29 @@ def resolve_quantization(model_path: str, requested: str | None) -> str:
     return "wint8"
 
 
+KV_CACHE_DTYPES = ("float32", "float16")
+
+
+def resolve_kv_cache_dtype(requested: str | None) -> str:
+    """The KV cache's element type: `requested`, or when it is None/"auto" ``float16`` where the
+    native attention kernels run (they widen it to fp32 as they load it; half the bytes to stream
+    per decode step and twice the tokens per GiB) and ``float32`` otherwise (the plain-Paddle
+    reference would cast the whole cache on every call)."""
+    if requested not in (None, "auto"):
+        if requested not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {requested!r}: choose auto, {' or '.join(KV_CACHE_DTYPES)}")
+        return requested
+    from fastdeploy.model_executor.ops.paged_attention import NATIVE, attention_backend_name
+
+    return "float16" if attention_backend_name() == NATIVE else "float32"
+
+
 class ModelRunner:
-    def __init__(self, model_path: str, max_model_len: int | None = None, quantization: str | None = None) -> None:
+    def __init__(self, model_path: str, max_model_len: int | None = None, quantization: str | None = None,
+                 kv_cache_dtype: str | None = None) -> None:
         paddle.set_device(os.environ.get("FASTDEPLOY_DEVICE", paddle.device.get_device()))
         quantization = resolve_quantization(model_path, quantization)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         cfg, weights = load_model_weights(model_path)
         if max_model_len is not None:
             if max_model_len > cfg.max_position_embeddings:
@@ -72,7 +91,7 @@ class ModelRunner:
         """KV blocks that fit the memory share the cache config grants (or the override)."""
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
-        per_block = self.model.kv_bytes_per_block(cache.block_size)
+        per_block = self.model.kv_bytes_per_block(cache.block_size, self.kv_cache_dtype)
         if paddle.device.is_compiled_with_cuda() and "gpu" in paddle.device.get_device():
             total = paddle.device.cuda.get_device_properties().total_memory
             used = paddle.device.cuda.memory_allocated()
@@ -90,7 +109,9 @@ class ModelRunner:
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.kv_caches = self.model.allocate_kv_caches(num_blocks, block_size)
+        self.kv_caches = self.model.allocate_kv_caches(num_blocks, block_size, self.kv_cache_dtype)
+        logger.info("KV cache: %d blocks of %d tokens, %s, %.0f MiB", num_blocks, block_size, self.kv_cache_dtype,
+                    num_blocks * self.model.kv_bytes_per_block(block_size, self.kv_cache_dtype) / (1 << 20))
 
     def execute(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]],
                 logits_rows: list[int]) -> np.ndarray:

@@ -8,24 +8,13 @@ from typing import Any
 from aiohttp import web
 
 from fastdeploy.entrypoints import wire
-from fastdeploy.entrypoints.openai.http_app import WORKER_KEY, ApiWorker, read_json
 from fastdeploy.entrypoints.openai.protocol import ApiError, ParsedRequest, parse_chat
-from fastdeploy.entrypoints.openai.serving_common import ChunkSource, peek_first, ChoiceState, SseWriter, UsageTracker, now
+from fastdeploy.entrypoints.openai.serving_common import (ChoiceState, ChunkSource, SseWriter, UsageTracker, now,
+                                                          peek_first, serve)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    worker: ApiWorker = request.app[WORKER_KEY]
-    parsed = parse_chat(await read_json(request), worker.model)
-    async with worker.admit():
-        if parsed.beam_width:
-            from fastdeploy.entrypoints.openai.serving_beam import run_beam_search
-
-            result = await run_beam_search(worker, parsed, "chatcmpl")
-            return await (_stream(request, parsed, result) if parsed.stream else _complete(parsed, result))
-        async with worker.submit("chatcmpl", parsed) as sub:
-            if parsed.stream:
-                return await _stream(request, parsed, sub)
-            return await _complete(parsed, sub)
+    return await serve(request, parse_chat, "chatcmpl", _stream, _complete)
 
 
 def _chat_logprobs(entries: list[wire.LogprobEntry]) -> dict[str, Any]:
@@ -40,12 +29,7 @@ async def _complete(parsed: ParsedRequest, sub: ChunkSource) -> web.Response:
     choices = [ChoiceState() for _ in range(parsed.params.n)]
     usage = UsageTracker()
     async for chunk in sub.chunks():
-        c = choices[chunk.index]
-        c.text.append(chunk.text)
-        c.reasoning.append(chunk.reasoning)
-        c.token_ids.extend(chunk.token_ids)
-        c.logprobs.extend(chunk.logprobs or [])
-        c.finish_reason = chunk.finish_reason or c.finish_reason
+        choices[chunk.index].add(chunk)
         usage.add(chunk)
     out = []
     for i, c in enumerate(choices):

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from fastdeploy.entrypoints import wire
-from fastdeploy.entrypoints.openai.protocol import ApiError
+from fastdeploy.entrypoints.openai.http_app import WORKER_KEY, ApiWorker, read_json
+from fastdeploy.entrypoints.openai.protocol import ApiError, ModelContext, ParsedRequest
 
 
 class ChunkSource(Protocol):
@@ -33,6 +34,13 @@ class ChoiceState:
     logprobs: list[wire.LogprobEntry] = field(default_factory=list)
     finish_reason: str | None = None
     num_output_tokens: int = 0
+
+    def add(self, chunk: wire.TextChunk) -> None:
+        self.text.append(chunk.text)
+        self.reasoning.append(chunk.reasoning)
+        self.token_ids.extend(chunk.token_ids)
+        self.logprobs.extend(chunk.logprobs or [])
+        self.finish_reason = chunk.finish_reason or self.finish_reason
 
 
 @dataclass
@@ -84,6 +92,27 @@ class SseWriter:
         await self.response.write(b"data: [DONE]\n\n")
         await self.response.write_eof()
         return self.response
+
+
+Parser = Callable[[Any, ModelContext], ParsedRequest]
+StreamFormatter = Callable[[web.Request, ParsedRequest, "ChunkSource"], Awaitable[web.StreamResponse]]
+BodyFormatter = Callable[[ParsedRequest, "ChunkSource"], Awaitable[web.Response]]
+
+
+async def serve(request: web.Request, parse: Parser, id_prefix: str, stream: StreamFormatter,
+                complete: BodyFormatter) -> web.StreamResponse:
+    """One generation endpoint: parse, wait for admission, run (beam search or a plain submission)
+    and answer as an SSE stream or one JSON body."""
+    worker: ApiWorker = request.app[WORKER_KEY]
+    parsed = parse(await read_json(request), worker.model)
+    async with worker.admit():
+        if parsed.beam_width:
+            from fastdeploy.entrypoints.openai.serving_beam import run_beam_search
+
+            result = await run_beam_search(worker, parsed, id_prefix)
+            return await (stream(request, parsed, result) if parsed.stream else complete(parsed, result))
+        async with worker.submit(id_prefix, parsed) as sub:
+            return await (stream(request, parsed, sub) if parsed.stream else complete(parsed, sub))
 
 
 def now() -> int:

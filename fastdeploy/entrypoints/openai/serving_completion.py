@@ -7,24 +7,13 @@ from typing import Any
 from aiohttp import web
 
 from fastdeploy.entrypoints import wire
-from fastdeploy.entrypoints.openai.http_app import WORKER_KEY, ApiWorker, read_json
 from fastdeploy.entrypoints.openai.protocol import ApiError, ParsedRequest, parse_completion
-from fastdeploy.entrypoints.openai.serving_common import ChunkSource, peek_first, ChoiceState, SseWriter, UsageTracker, choice_index, now
+from fastdeploy.entrypoints.openai.serving_common import (ChoiceState, ChunkSource, SseWriter, UsageTracker,
+                                                          choice_index, now, peek_first, serve)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    worker: ApiWorker = request.app[WORKER_KEY]
-    parsed = parse_completion(await read_json(request), worker.model)
-    async with worker.admit():
-        if parsed.beam_width:
-            from fastdeploy.entrypoints.openai.serving_beam import run_beam_search
-
-            result = await run_beam_search(worker, parsed, "cmpl")
-            return await (_stream(request, parsed, result) if parsed.stream else _complete(parsed, result))
-        async with worker.submit("cmpl", parsed) as sub:
-            if parsed.stream:
-                return await _stream(request, parsed, sub)
-            return await _complete(parsed, sub)
+    return await serve(request, parse_completion, "cmpl", _stream, _complete)
 
 
 def _completion_logprobs(entries: list[wire.LogprobEntry], offset: int = 0) -> dict[str, Any]:
@@ -46,12 +35,7 @@ async def _complete(parsed: ParsedRequest, sub: ChunkSource) -> web.Response:
     choices = [ChoiceState() for _ in range(len(sub.request_ids) * n)]
     usage = UsageTracker()
     async for chunk in sub.chunks():
-        c = choices[choice_index(sub.request_ids, chunk, n)]
-        c.text.append(chunk.text)
-        c.reasoning.append(chunk.reasoning)
-        c.token_ids.extend(chunk.token_ids)
-        c.logprobs.extend(chunk.logprobs or [])
-        c.finish_reason = chunk.finish_reason or c.finish_reason
+        choices[choice_index(sub.request_ids, chunk, n)].add(chunk)
         usage.add(chunk)
     out = []
     for i, c in enumerate(choices):

@@ -57,8 +57,8 @@ logger = logging.getLogger("fastdeploy")
 
 BACKEND_ENV = "FASTDEPLOY_LINEAR_BACKEND"
 REQUIRE_NATIVE_ENV = "FASTDEPLOY_REQUIRE_NATIVE"
-NATIVE = "native"
-REFERENCE = "reference"
+NATIVE = native_build.NATIVE
+REFERENCE = native_build.REFERENCE
 QUANT_MODES = ("none", "bf16", "wint8")
 
 
@@ -136,13 +136,9 @@ def retain_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1
 @functools.cache
 def linear_backend_name() -> str:
     """``native`` or ``reference``, decided once per process."""
-    requested = os.environ.get(BACKEND_ENV, "").strip().lower()
+    requested = native_build.requested_backend(BACKEND_ENV)
     if requested == REFERENCE:
         return REFERENCE
-    if requested not in ("", NATIVE):
-        raise ValueError(f"{BACKEND_ENV}={requested!r}: expected {NATIVE!r} or {REFERENCE!r}")
-    if not requested and not paddle.get_device().startswith("cpu"):
-        return REFERENCE  # the native kernels are CPU kernels; device tensors take the reference path
     try:
         have_kernels = native_caps()[0]
     except NativeBuildError as exc:

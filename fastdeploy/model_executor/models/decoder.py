@@ -124,10 +124,14 @@ class DecoderModel:
         x, _ = rms_norm(paddle.gather(h, rows), self.final_norm, self.cfg.rms_norm_eps, paddle.gather(residual, rows))
         return self.lm_head(x)
 
-    def allocate_kv_caches(self, num_blocks: int, block_size: int) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
+    def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: str = "float32"
+                           ) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
+        """One (key, value) pair per layer, ``[num_blocks, num_kv_heads, block_size, head_dim]`` of
+        ``dtype`` (float32 or float16)."""
         shape = [num_blocks, self.cfg.num_key_value_heads, block_size, self.cfg.head_dim]
-        return [(paddle.zeros(shape, dtype="float32"), paddle.zeros(shape, dtype="float32"))
+        return [(paddle.zeros(shape, dtype=dtype), paddle.zeros(shape, dtype=dtype))
                 for _ in range(self.cfg.num_hidden_layers)]
 
-    def kv_bytes_per_block(self, block_size: int) -> int:
-        return 2 * self.cfg.num_hidden_layers * self.cfg.num_key_value_heads * block_size * self.cfg.head_dim * 4
+    def kv_bytes_per_block(self, block_size: int, dtype: str = "float32") -> int:
+        element = 2 if dtype == "float16" else 4
+        return 2 * self.cfg.num_hidden_layers * self.cfg.num_key_value_heads * block_size * self.cfg.head_dim * element

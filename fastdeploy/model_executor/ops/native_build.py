@@ -32,6 +32,10 @@ from fastdeploy.model_store import cache_dir
 logger = logging.getLogger("fastdeploy")
 
 NATIVE_SRC_DIR = Path(__file__).resolve().parents[3] / "native"
+
+NATIVE = "native"
+REFERENCE = "reference"
+"""The two backends an op family can run on (FASTDEPLOY_LINEAR_BACKEND, FASTDEPLOY_ATTENTION_BACKEND)."""
 """The repository's ``native/`` directory (sources are not shipped inside the wheel)."""
 
 BASE_CXX_FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-Wno-unused-parameter")
@@ -43,7 +47,8 @@ KEEP_BUILDS = 3
 
 EXTENSION_NAME = "fastdeploy_ops"
 EXTENSION_SOURCES: tuple[str, ...] = ("linear.cc", "norm.cc", "paged_attention.cc", "attention_tiled.cc",
-                                      "kv_cache.cc", "rotary_kv.cc", "decoder_forward.cc")
+                                      "kv_cache.cc", "rotary_kv.cc", "decoder_forward.cc",
+                                      "thread_pool.cc")
 """Every op in one extension: fd_decoder_forward calls the other ops' kernels in C++, and Paddle
 refuses to register one op name from two libraries."""
 
@@ -255,3 +260,17 @@ def load_extension(name: str, sources: Sequence[str], extra_cflags: Sequence[str
                 raise NativeBuildError(f"loading {_library_path(name, build_dir)} failed: {exc}") from exc
         _loaded[name] = module
         return module
+
+
+def requested_backend(env_name: str) -> str:
+    """What ``env_name`` asks for: NATIVE, REFERENCE, or "" (native when it builds and runs here).
+    Unset with a non-CPU default device means REFERENCE: the native kernels are CPU kernels, and
+    device tensors take the plain-Paddle path."""
+    import paddle
+
+    requested = os.environ.get(env_name, "").strip().lower()
+    if requested not in ("", NATIVE, REFERENCE):
+        raise ValueError(f"{env_name}={requested!r}: expected {NATIVE!r} or {REFERENCE!r}")
+    if not requested and not paddle.get_device().startswith("cpu"):
+        return REFERENCE
+    return requested

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from types import ModuleType
 
 import paddle
@@ -32,8 +31,8 @@ from fastdeploy.model_executor.ops.native_build import NativeBuildError, native_
 logger = logging.getLogger("fastdeploy")
 
 BACKEND_ENV = "FASTDEPLOY_ATTENTION_BACKEND"
-NATIVE = "native"
-REFERENCE = "reference"
+NATIVE = native_build.NATIVE
+REFERENCE = native_build.REFERENCE
 
 
 # Values of the op's `impl` attribute.
@@ -49,13 +48,9 @@ def native_ops() -> ModuleType:
 @functools.cache
 def attention_backend_name() -> str:
     """``native`` or ``reference``, decided once per process."""
-    requested = os.environ.get(BACKEND_ENV, "").strip().lower()
+    requested = native_build.requested_backend(BACKEND_ENV)
     if requested == REFERENCE:
         return REFERENCE
-    if requested not in ("", NATIVE):
-        raise ValueError(f"{BACKEND_ENV}={requested!r}: expected {NATIVE!r} or {REFERENCE!r}")
-    if not requested and not paddle.get_device().startswith("cpu"):
-        return REFERENCE  # the native kernels are CPU kernels; device tensors take the reference path
     try:
         native_ops()
     except NativeBuildError as exc:
