@@ -274,20 +274,25 @@ def expected_write(base_k, base_v, key, value, slots):
     return k, v
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("impl", ["native", "reference"])
-def test_write_kv_cache_in_place(request, impl, block_size):
+def test_write_kv_cache_in_place(request, impl, block_size, dtype):
+    """Into float32 caches as they are; into float16 caches each value rounded to nearest (numpy's
+    float16 conversion), bit for bit."""
     if impl == "native":
         request.getfixturevalue("native")
     write = attn.native_write_kv_cache if impl == "native" else attn.reference_write_kv_cache
     base_k, base_v, key, value, slots = write_inputs(block_size=block_size)
+    base_k, base_v = base_k.astype(dtype), base_v.astype(dtype)
     key_cache, value_cache = paddle.to_tensor(base_k), paddle.to_tensor(base_v)
     k_ptr, v_ptr = key_cache.data_ptr(), value_cache.data_ptr()
     with paddle.no_grad():
         result = write(paddle.to_tensor(key), paddle.to_tensor(value), key_cache, value_cache, paddle.to_tensor(slots))
     assert result is None
     assert key_cache.data_ptr() == k_ptr and value_cache.data_ptr() == v_ptr
-    want_k, want_v = expected_write(base_k, base_v, key, value, slots)
+    want_k, want_v = expected_write(base_k, base_v, key.astype(dtype), value.astype(dtype), slots)
+    assert key_cache.numpy().dtype == dtype
     np.testing.assert_array_equal(key_cache.numpy(), want_k)
     np.testing.assert_array_equal(value_cache.numpy(), want_v)
 
@@ -300,24 +305,6 @@ def test_write_kv_cache_native_equals_reference(native):
                                   paddle.to_tensor(slots))
     for got, want in zip(caches["native"], caches["reference"]):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
-
-
-@pytest.mark.parametrize("impl", ["native", "reference"])
-def test_write_kv_cache_float16(request, impl):
-    """Into float16 caches: each value rounded to nearest (numpy's float16 conversion), bit for bit."""
-    if impl == "native":
-        request.getfixturevalue("native")
-    write = attn.native_write_kv_cache if impl == "native" else attn.reference_write_kv_cache
-    base_k, base_v, key, value, slots = write_inputs(seed=6)
-    key_cache = paddle.to_tensor(base_k.astype(np.float16))
-    value_cache = paddle.to_tensor(base_v.astype(np.float16))
-    with paddle.no_grad():
-        write(paddle.to_tensor(key), paddle.to_tensor(value), key_cache, value_cache, paddle.to_tensor(slots))
-    want_k, want_v = expected_write(base_k.astype(np.float16), base_v.astype(np.float16), key.astype(np.float16),
-                                    value.astype(np.float16), slots)
-    assert key_cache.dtype == paddle.float16
-    np.testing.assert_array_equal(key_cache.numpy(), want_k)
-    np.testing.assert_array_equal(value_cache.numpy(), want_v)
 
 
 @pytest.mark.parametrize("impl", ["native", "reference"])

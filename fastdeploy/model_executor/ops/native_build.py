@@ -82,10 +82,11 @@ def _paddle_libs_dir() -> Path:
 
 def openmp_link_flags() -> list[str]:
     """Link against the OpenMP runtime Paddle already loads (Intel's libiomp5, which also exports
-    the GNU ``GOMP_*`` entry points GCC emits), so MKL's threads and ours share one pool instead of
-    two runtimes spinning against each other on few cores; plain ``-fopenmp`` (libgomp) otherwise.
-    libiomp5 lacks GCC's ``GOMP_loop_nonmonotonic_*`` (what ``schedule(dynamic)`` lowers to), so the
-    kernels use plain ``omp parallel`` regions and hand out work themselves."""
+    the GNU ``GOMP_*`` entry points GCC emits) rather than a second runtime; plain ``-fopenmp``
+    (libgomp) otherwise. The kernels run on their own pool (native/thread_pool.cc); OpenMP only
+    serves ``FASTDEPLOY_THREAD_POOL=openmp``, one plain ``omp parallel`` region that hands out the
+    same items (libiomp5 lacks GCC's ``GOMP_loop_nonmonotonic_*``, what ``schedule(dynamic)``
+    lowers to)."""
     libs = _paddle_libs_dir()
     if sys.platform.startswith("linux") and (libs / "libiomp5.so").exists():
         return [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
