@@ -13,12 +13,14 @@
 //          vpdpbusd), float scale[32], float zero[32]; w = u * scale + zero.
 //
 // A micro-kernel computes a tile of up to kMaxRows rows (12 with AVX-512, 4 for VNNI; 3 with
-// AVX2, 6 for its many-row fp32 kernel) x 32 columns with its accumulators in registers over the
-// K range it is given. Paths (the bf16-dot and VNNI ones need AVX-512; on AVX2 those requests
-// compute in fp32):
-//   - u8 with AVX512-VNNI (the default): activations quantized per row and group to 16 bits and
-//     multiplied with vpdpbusd at every M: exact integer sums, about fp32's accuracy, the multiply
-//     rate of vdpbf16ps, and at M = 1 three times fewer instructions than dequantizing to fp32.
+// AVX2, 6 for its many-row fp32 and its 16-bit-activation kernels) x 32 columns with its
+// accumulators in registers over the K range it is given. Paths (bf16-dot needs AVX-512; on AVX2
+// those requests compute in fp32):
+//   - u8 with 16-bit activations (the default, the `vnni` attribute): activations quantized per
+//     row and group to 16 bits, exact integer sums, about fp32's accuracy. With AVX512-VNNI at
+//     every M through vpdpbusd: the multiply rate of vdpbf16ps, and at M = 1 three times fewer
+//     instructions than dequantizing to fp32. With AVX2 through vpmaddwd, up to kAct16MaxRows
+//     rows, where skipping the weights' int-to-float conversion pays (linear_kernels.h).
 //   - few rows (decode), other formats: each panel is streamed once and widened or dequantized in
 //     registers against fp32 activations; memory-bound anyway.
 //   - many rows (prefill, big batches): rows are cut into blocks of 96 whose tiles all pass over
@@ -33,6 +35,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -74,11 +77,13 @@ struct Problem {
   int group = 0;                   // 8-bit only: rows per (scale, zero)
   const float* xsum = nullptr;     // 8-bit with few rows: [m, k / group] sums of x per group
   bool bf16_dot = false;
-  // 8-bit weights x 16-bit activations with vpdpbusd (TileU8Vnni): x as hi/lo bytes [m, k] and,
-  // per row and group, the step and step * sum(q) ([m, k / group] each).
+  // 8-bit weights x 16-bit activations (TileU8Vnni): x as hi/lo bytes [m, k] (vpdpbusd) or as int16
+  // in k-quad order [m, k] (AVX2's vpmaddwd) and, per row and group, the step and step * sum(q)
+  // ([m, k / group] each).
   bool vnni = false;
   const int8_t* x_hi = nullptr;
   const int8_t* x_lo = nullptr;
+  const int16_t* x_q16 = nullptr;
   const float* x_step = nullptr;
   const float* x_qsum = nullptr;
   // Non-temporal stores for outputs too big to be read back from cache (e.g. the 49152-wide
@@ -113,6 +118,41 @@ struct Tile {
   bool accumulate;
 };
 
+#if FD_LINEAR_ACT16
+// A tile of the 16-bit-activation kernel, computed and stored. A function of its own, dispatched
+// by RunPanel, not a case of RunTile: with it inside, the AVX2 build's RunTile compiled differently
+// and its many-row fp32 tiles ran slower (batch-32 decode steps 5-15% slower, 7 of 7 A/B rounds).
+template <int MR>
+void Act16Tile(const Problem& p, const Tile& t) {
+  TileAcc<MR> acc;
+  Prefetcher pf = t.prefetch;
+  const int64_t groups = p.k / p.group;
+  const int64_t g0 = t.row * groups + t.k0 / p.group;
+  const auto* b = static_cast<const uint8_t*>(t.b);
+  const float* step = p.x_step + g0;
+  const float* qsum = p.x_qsum + g0;
+#ifdef __AVX512F__
+  const int8_t* hi = p.x_hi + t.row * p.k + t.k0;
+  const int8_t* lo = p.x_lo + t.row * p.k + t.k0;
+  const auto tile = [&](auto group) {
+    TileU8Vnni<MR, decltype(group)::value>(hi, lo, p.k, step, qsum, groups, b, t.kc, pf, acc);
+  };
+#else
+  const int16_t* xq = p.x_q16 + t.row * p.k + t.k0;
+  const auto tile = [&](auto group) {
+    TileU8Vnni<MR, decltype(group)::value>(xq, p.k, step, qsum, groups, b, t.kc, pf, acc);
+  };
+#endif
+  switch (p.group) {  // the sizes VnniGroupOk admits
+    case 16: tile(std::integral_constant<int, 16>()); break;
+    case 32: tile(std::integral_constant<int, 32>()); break;
+    case 64: tile(std::integral_constant<int, 64>()); break;
+    default: tile(std::integral_constant<int, 128>()); break;
+  }
+  StoreTile<MR>(acc, t.c, p.n, t.bias, t.cols, t.accumulate, t.stream);
+}
+#endif
+
 template <int MR>
 void RunTile(Kernel kernel, const Problem& p, const Tile& t) {
   TileAcc<MR> acc;
@@ -142,22 +182,7 @@ void RunTile(Kernel kernel, const Problem& p, const Tile& t) {
       TileBF16Dot<MR>(p.x_bf16 + t.row * p.k + t.k0, p.k, static_cast<const uint16_t*>(t.b), t.kc, pf, acc);
 #endif
       break;
-    case Kernel::kU8Vnni:
-#ifdef __AVX512VNNI__
-      if constexpr (MR <= kMaxVnniRows) {
-        const int64_t groups = p.k / p.group;
-        const int64_t g0 = t.row * groups + t.k0 / p.group;
-        const int8_t* hi = p.x_hi + t.row * p.k + t.k0;
-        const int8_t* lo = p.x_lo + t.row * p.k + t.k0;
-        const auto* b = static_cast<const uint8_t*>(t.b);
-        switch (p.group) {  // the sizes VnniGroupOk admits
-          case 16: TileU8Vnni<MR, 16>(hi, lo, p.k, p.x_step + g0, p.x_qsum + g0, groups, b, t.kc, pf, acc); break;
-          case 32: TileU8Vnni<MR, 32>(hi, lo, p.k, p.x_step + g0, p.x_qsum + g0, groups, b, t.kc, pf, acc); break;
-          case 64: TileU8Vnni<MR, 64>(hi, lo, p.k, p.x_step + g0, p.x_qsum + g0, groups, b, t.kc, pf, acc); break;
-          default: TileU8Vnni<MR, 128>(hi, lo, p.k, p.x_step + g0, p.x_qsum + g0, groups, b, t.kc, pf, acc); break;
-        }
-      }
-#endif
+    case Kernel::kU8Vnni:  // Act16Tile (RunPanel calls it)
       break;
   }
   StoreTile<MR>(acc, t.c, p.n, t.bias, t.cols, t.accumulate, t.stream);
@@ -174,6 +199,16 @@ constexpr std::array<TileFn, kMaxTileRows + 1> MakeTileFns(std::index_sequence<R
 }
 // kTileFns[rows] runs a tile of that many rows (1..kMaxTileRows).
 constexpr std::array<TileFn, kMaxTileRows + 1> kTileFns = MakeTileFns(std::make_index_sequence<kMaxTileRows>());
+
+#if FD_LINEAR_ACT16
+using Act16Fn = void (*)(const Problem&, const Tile&);
+template <size_t... R>
+constexpr std::array<Act16Fn, kMaxVnniRows + 1> MakeAct16Fns(std::index_sequence<R...>) {
+  return {nullptr, Act16Tile<static_cast<int>(R) + 1>...};
+}
+// kAct16Fns[rows]: the same for the 16-bit-activation kernel (1..kMaxVnniRows).
+constexpr std::array<Act16Fn, kMaxVnniRows + 1> kAct16Fns = MakeAct16Fns(std::make_index_sequence<kMaxVnniRows>());
+#endif
 
 // Per-thread slice buffers (256 KB each), reused across calls (the pool's workers live on).
 struct Scratch {
@@ -260,11 +295,12 @@ void RunPanel(const Problem& p, Kernel kernel, const void* b, const char* next, 
   t.stream = p.stream_output && last_k && cols == kPanel;
   // The row tiles share the prefetch of the next slice, so the requests are spread over the
   // whole panel instead of flooding the miss buffers during the first tile.
-#ifdef __AVX512VNNI__
-  const int64_t tile_rows = kernel == Kernel::kU8Vnni ? kMaxVnniRows : kMaxRows;
+#if FD_LINEAR_ACT16
+  const int64_t int_rows = kMaxVnniRows;
 #else
-  const int64_t tile_rows = kernel == Kernel::kF32 ? kWideRows : kMaxRows;
+  const int64_t int_rows = kMaxRows;
 #endif
+  const int64_t tile_rows = kernel == Kernel::kU8Vnni ? int_rows : kernel == Kernel::kF32 ? kWideRows : kMaxRows;
   const int64_t tiles = (me - mb + tile_rows - 1) / tile_rows;
   const int64_t slice_bytes = PanelRowBytes(p.format, kc, p.group);
   const int64_t share = next != nullptr ? (slice_bytes + tiles * 64 - 1) / (tiles * 64) * 64 : 0;
@@ -277,6 +313,12 @@ void RunPanel(const Problem& p, Kernel kernel, const void* b, const char* next, 
     t.c = p.y + row * p.n + col;
     t.prefetch.next = next + tile * share;
     t.prefetch.end = t.prefetch.next + share;
+#if FD_LINEAR_ACT16
+    if (kernel == Kernel::kU8Vnni) {
+      kAct16Fns[rows](p, t);
+      continue;
+    }
+#endif
     kTileFns[rows](kernel, p, t);
   }
 }
@@ -363,11 +405,12 @@ constexpr bool kHaveBF16Dot =
 #else
     false;
 #endif
-constexpr bool kHaveVnni =
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
-    true;
+// Rows up to which a u8 call with vnni set multiplies 16-bit activations (0: never).
+constexpr int32_t kAct16Rows =
+#if FD_LINEAR_ACT16
+    static_cast<int32_t>(std::min<int64_t>(fd_linear::kAct16MaxRows, INT32_MAX));
 #else
-    false;
+    0;
 #endif
 
 paddle::Tensor Contiguous(const paddle::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
@@ -396,21 +439,31 @@ void CheckInputs(const paddle::Tensor& x, const paddle::Tensor& packed_w, const 
 // The per-call copies of the activations some paths read: 16-bit x for vpdpbusd, bf16-rounded x
 // for vdpbf16ps, or the per-group sums of x for the zero points of the few-row 8-bit kernel.
 void PrepareActivations(fd_linear::Problem& p, int bf16_dot_min_rows, bool vnni, int num_threads) {
-#ifdef __AVX512VNNI__
-  p.vnni = vnni && p.format == fd_linear::kFormatU8 && fd_linear::VnniGroupOk(p.group);
+#if FD_LINEAR_ACT16
+  p.vnni = vnni && p.format == fd_linear::kFormatU8 && fd_linear::VnniGroupOk(p.group) &&
+           p.m <= fd_linear::kAct16MaxRows;
   if (p.vnni) {
     const int64_t groups = p.k / p.group;
-    int8_t* hi = fd_linear::ScratchArray<int8_t, 0>(p.m * p.k);
-    int8_t* lo = fd_linear::ScratchArray<int8_t, 1>(p.m * p.k);
     float* step = fd_linear::ScratchArray<float, 1>(p.m * groups);
     float* qsum = fd_linear::ScratchArray<float, 2>(p.m * groups);
     const int threads = p.m * p.k >= (1 << 15) ? std::max(num_threads, 1) : 1;
+#ifdef __AVX512F__
+    int8_t* hi = fd_linear::ScratchArray<int8_t, 0>(p.m * p.k);
+    int8_t* lo = fd_linear::ScratchArray<int8_t, 1>(p.m * p.k);
     fd_threads::ParallelFor(p.m, threads, [&](int64_t row) {
       fd_linear::QuantizeRow16(p.x + row * p.k, p.k, p.group, hi + row * p.k, lo + row * p.k, step + row * groups,
                                qsum + row * groups);
     });
     p.x_hi = hi;
     p.x_lo = lo;
+#else
+    int16_t* xq = fd_linear::ScratchArray<int16_t, 0>(p.m * p.k);
+    fd_threads::ParallelFor(p.m, threads, [&](int64_t row) {
+      fd_linear::QuantizeRow16(p.x + row * p.k, p.k, p.group, xq + row * p.k, step + row * groups,
+                               qsum + row * groups);
+    });
+    p.x_q16 = xq;
+#endif
     p.x_step = step;
     p.x_qsum = qsum;
     return;
@@ -481,7 +534,8 @@ namespace {
 
 // fd_linear(x [M, K] fp32, packed_w uint8, bias fp32 [N] or [0]) -> y [M, N] fp32.
 // format: 0 fp32, 1 bf16, 2 u8 (group = rows per scale and zero). vnni: u8 weights multiply 16-bit
-// activations with vpdpbusd at any M (when built with AVX512-VNNI and VnniGroupOk(group)).
+// activations (when VnniGroupOk(group); vpdpbusd at any M with AVX512-VNNI, vpmaddwd up to
+// kAct16MaxRows rows with AVX2).
 // bf16_dot_min_rows: otherwise use vdpbf16ps with bf16-rounded activations when M >= this
 // (0 = never; bf16 and u8 formats only).
 std::vector<paddle::Tensor> LinearKernel(const paddle::Tensor& x, const paddle::Tensor& packed_w,
@@ -503,13 +557,14 @@ std::vector<paddle::DataType> LinearInferDtype(const paddle::DataType&, const pa
 }
 
 // fd_linear_caps(any) -> int32 [3]: {vector width in bits of the kernels built (512 for AVX-512,
-// 256 for AVX2 + FMA, 0 = none: fd_linear would refuse), vdpbf16ps kernels built, vpdpbusd
-// kernels built}.
+// 256 for AVX2 + FMA, 0 = none: fd_linear would refuse), vdpbf16ps kernels built, the most rows a
+// call with vnni set runs the 16-bit-activation kernels for (0 = not built; vpdpbusd with
+// AVX512-VNNI: any M, vpmaddwd with AVX2: few rows)}.
 std::vector<paddle::Tensor> LinearCapsKernel(const paddle::Tensor& probe) {
   paddle::Tensor caps = paddle::empty({3}, paddle::DataType::INT32, paddle::CPUPlace());
   caps.data<int32_t>()[0] = kHaveAvx512 ? 512 : kHaveKernels ? 256 : 0;
   caps.data<int32_t>()[1] = kHaveBF16Dot ? 1 : 0;
-  caps.data<int32_t>()[2] = kHaveVnni ? 1 : 0;
+  caps.data<int32_t>()[2] = kAct16Rows;
   return {caps};
 }
 

@@ -13,7 +13,7 @@ struct LinearArgs {
   int format = 0;              // 0 fp32, 1 bf16, 2 u8 (affine 8-bit)
   int group = 0;               // u8: K rows per (scale, zero)
   int bf16_dot_min_rows = 0;   // vdpbf16ps with bf16 activations from this many rows on (0 = never)
-  int vnni = 0;                // u8: vpdpbusd with 16-bit activations at any M (when available)
+  int vnni = 0;                // u8: 16-bit activations, integer sums (where built: linear.cc)
   int num_threads = 1;
 };
 

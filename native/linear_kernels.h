@@ -9,12 +9,21 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define FD_LINEAR_SIMD 1
 #else
 #define FD_LINEAR_SIMD 0
+#endif
+
+// The 16-bit-activation integer kernels (TileU8Vnni, QuantizeRow16): vpdpbusd with AVX512-VNNI,
+// vpmaddwd in the AVX2 build. An AVX-512 build without VNNI has none (its u8 paths are fp32).
+#if (defined(__AVX512F__) && defined(__AVX512VNNI__)) || (!defined(__AVX512F__) && FD_LINEAR_SIMD)
+#define FD_LINEAR_ACT16 1
+#else
+#define FD_LINEAR_ACT16 0
 #endif
 
 namespace fd_linear {
@@ -342,6 +351,10 @@ inline void TileU8Vnni(const int8_t* hi, const int8_t* lo, int64_t ldx, const fl
   }
 }
 
+// TileU8Vnni serves calls of any M: vpdpbusd multiplies four bytes per lane, twice the rate of the
+// fp32 paths at every size.
+constexpr int64_t kAct16MaxRows = int64_t{1} << 40;
+
 // Group sizes with a TileU8Vnni instance (and a multiple of QuantizeRow16's 16).
 constexpr bool VnniGroupOk(int group) { return group == 16 || group == 32 || group == 64 || group == 128; }
 
@@ -487,7 +500,8 @@ inline void RoundRowToBF16(const float* x, int64_t n, uint16_t* out) {
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA (Zen 1-3, Haswell and later without AVX-512): a panel row is four ymm of fp32 and
 // there are 16 ymm registers. Same packed layouts and the same arithmetic as the AVX-512 kernels
-// (each output is the same fp32 sums, in a different order), no bf16-dot or VNNI variants.
+// (each output is the same fp32 sums, in a different order), no bf16-dot variant, and a vpmaddwd
+// form of the 16-bit-activation kernel (TileU8Vnni) in place of vpdpbusd.
 
 // Rows per micro-tile: 3 x 4 = 12 accumulators, leaving four registers for the broadcast
 // activation and the (converted) weights; 4 rows would need all 16 for accumulators. The fp32 FMAs
@@ -866,6 +880,176 @@ inline void DequantU8ToF32(const uint8_t* b, int64_t kc, int group, float* out) 
       QuadRowDequant<3>(quads, s, z, w);
       StoreRowF32(o + 3 * kPanel, w);
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit activations x 8-bit panel with vpmaddwd: the AVX2 form of TileU8Vnni, on the same
+// activation grid (q = x / s_x, |q| <= 32639, one step per row and group) with exact int32 sums.
+// AVX2 has no u8 x s8 dot without saturation (vpmaddubsw clips at 32767, and 255 * 127 * 2 is
+// more), so the weights are widened to 16 bits instead: a k-quad lane (k0 k1 k2 k3 bytes of one
+// column) gives the words (k0, k2) with a mask and (k1, k3) with a 16-bit shift, and the
+// activations are stored in the matching order [k0 k2 k1 k3] per quad, so each product needs one
+// 32-bit broadcast. Per 8 columns, 4 k and one row: two vpmaddwd and two vpaddd, which Zen 3 runs
+// on four pipes where fp32 needs four FMAs on two; at few rows it also skips the int-to-float
+// conversion of every weight. Per group:
+//   acc += float(sum u * q) * (scale * s_x) + zero * (s_x * sum q)
+// |sum u * q| <= G * 255 * 32639 < 2^31 for G <= 128.
+//
+// One 8-column block of the panel at a time, over the whole K range: the int32 sums of MR rows
+// stay in registers beside the two widened weight vectors and the broadcasts, and the fp32
+// accumulators, touched once per group, live in acc (memory). The block's bytes are a quarter of
+// each 128-byte quad row, so a panel slice (at most 4096 / 4 * 128 bytes) is read four times, from
+// L1 or L2.
+constexpr int kMaxVnniRows = 6;
+
+// Calls of up to this many rows take TileU8Vnni. Its advantage is that it needs no int-to-float
+// conversion of the weights, which the few-row fp32 kernels pay per row tile; from about a dozen
+// rows on, the many-row fp32 path (weights dequantized once per slice, 6 x 16 FMA tiles) is as fast
+// on Zen 3. Time of this kernel / the fp32 path (scripts/bench_linear.py --act16-ab, SmolLM2's
+// layers): M = 1 0.76-0.87 (lm_head 1.07), M = 4 0.59-0.73, M = 8 0.65-0.78, M = 12 0.84-1.10; in
+// a build without this limit, M = 16 0.85-1.05 and M = 32 0.86-1.27.
+constexpr int64_t kAct16MaxRows = 8;
+
+// sums[r] += row r's (q_k0, q_k2) * even + (q_k1, q_k3) * odd for the k-quad at xq (row stride ldx),
+// where even/odd are one block's weights of that quad as (k0, k2) / (k1, k3) words.
+template <int MR>
+inline void QuadMadd(const int16_t* xq, int64_t ldx, __m256i even, __m256i odd, __m256i (&sums)[MR]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    // Each pair broadcast as one 32-bit lane through vbroadcastss, a load-port op: a broadcast
+    // from a general register costs two vector ops.
+    const auto* xr = reinterpret_cast<const float*>(xq + r * ldx);
+    sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(even, _mm256_castps_si256(_mm256_broadcast_ss(xr))));
+    sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(odd, _mm256_castps_si256(_mm256_broadcast_ss(xr + 1))));
+  }
+}
+
+// f (fp32, memory) += float(sums) * (scale * s_x) + zero * (s_x * sum q), per row, for one group.
+template <int MR>
+inline void ApplyGroup(const __m256i (&sums)[MR], __m256 s, __m256 z, const float* x_scale, const float* x_sum,
+                       int64_t xs_ld, float* f) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    float* fr = f + r * kPanel;
+    const __m256 partial = _mm256_fmadd_ps(z, _mm256_set1_ps(x_sum[r * xs_ld]), _mm256_loadu_ps(fr));
+    const __m256 step = _mm256_mul_ps(s, _mm256_set1_ps(x_scale[r * xs_ld]));
+    _mm256_storeu_ps(fr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), step, partial));
+  }
+}
+
+// Tiles of one or two rows: all four blocks in one pass, so the panel streams linearly (it comes
+// from DRAM at decode, where four strided passes would each pull half its lines).
+template <int MR, int G>
+inline void TileU8VnniOnePass(const int16_t* xq, int64_t ldx, const float* x_scale, const float* x_sum,
+                              int64_t xs_ld, const uint8_t* b, int64_t kc, Prefetcher& pf,
+                              __m256 (&acc)[MR][kVecs]) {
+  const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
+  const int64_t group_bytes = U8GroupBytes(G);
+  float* out = reinterpret_cast<float*>(&acc[0][0]);
+  ZeroTile(acc);
+  const int16_t* xg = xq;
+  for (const uint8_t* group_start = b; group_start < b + kc / G * group_bytes; group_start += group_bytes, xg += G) {
+    __m256i sums[kVecs][MR];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) sums[v][r] = _mm256_setzero_si256();
+    }
+    for (int kq = 0; kq < G; kq += 4) {
+      pf.Step(2);  // a k-quad is 128 bytes
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) {
+        const __m256i quad =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_start + kq * kPanel + 32 * v));
+        QuadMadd<MR>(xg + kq, ldx, _mm256_and_si256(quad, low_bytes), _mm256_srli_epi16(quad, 8), sums[v]);
+      }
+    }
+    const float* scale = reinterpret_cast<const float*>(group_start + static_cast<int64_t>(G) * kPanel);
+    const int64_t g = (xg - xq) / G;
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) {
+      ApplyGroup<MR>(sums[v], _mm256_loadu_ps(scale + 8 * v), _mm256_loadu_ps(scale + kPanel + 8 * v), x_scale + g,
+                     x_sum + g, xs_ld, out + 8 * v);
+    }
+  }
+}
+
+template <int MR, int G>
+inline void TileU8Vnni(const int16_t* xq, int64_t ldx, const float* x_scale, const float* x_sum, int64_t xs_ld,
+                       const uint8_t* b, int64_t kc, Prefetcher& pf, __m256 (&acc)[MR][kVecs]) {
+  static_assert(MR <= kMaxVnniRows, "too many rows for the registers");
+  if constexpr (MR <= 2) {
+    TileU8VnniOnePass<MR, G>(xq, ldx, x_scale, x_sum, xs_ld, b, kc, pf, acc);
+    return;
+  }
+  const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
+  const int64_t group_bytes = U8GroupBytes(G);
+  const int64_t groups = kc / G;
+  float* out = reinterpret_cast<float*>(&acc[0][0]);  // row r, block v at out + r * kPanel + 8 * v
+  // Not unrolled: four copies of the group loop overflow the registers and GCC spills the sums.
+#pragma GCC unroll 1
+  for (int v = 0; v < kVecs; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + r * kPanel + 8 * v, _mm256_setzero_ps());
+    const uint8_t* group_start = b + 32 * v;
+    const int16_t* xg = xq;
+    for (int64_t g = 0; g < groups; ++g, group_start += group_bytes, xg += G) {
+      pf.Step(G / 8);  // the four passes together fetch the next panel's slice once
+      __m256i sums[MR];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) sums[r] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+      for (int kq = 0; kq < G; kq += 4) {
+        const __m256i quad = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_start + kq * kPanel));
+        QuadMadd<MR>(xg + kq, ldx, _mm256_and_si256(quad, low_bytes), _mm256_srli_epi16(quad, 8), sums);
+      }
+      const float* scale = reinterpret_cast<const float*>(group_start - 32 * v + static_cast<int64_t>(G) * kPanel);
+      ApplyGroup<MR>(sums, _mm256_loadu_ps(scale + 8 * v), _mm256_loadu_ps(scale + kPanel + 8 * v), x_scale + g,
+                     x_sum + g, xs_ld, out + 8 * v);
+    }
+  }
+}
+
+// Group sizes with a TileU8Vnni instance (and a multiple of QuantizeRow16's 8).
+constexpr bool VnniGroupOk(int group) { return group == 16 || group == 32 || group == 64 || group == 128; }
+
+// The largest |q| of a 16-bit activation: the AVX-512 kernels' grid, kept so both builds multiply
+// the same activations.
+constexpr float kAct16Max = 32639.0f;
+
+// Quantizes row x (k elements, k % group == 0, group % 8 == 0) group by group to int16 q in the
+// [k0 k2 k1 k3] order of each k-quad that TileU8Vnni reads, with the step s_x and s_x * sum(q)
+// per group.
+inline void QuantizeRow16(const float* x, int64_t k, int group, int16_t* q_out, float* scale, float* sum) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  // Lanes k0 k1 k2 k3 | k4 k5 k6 k7 -> k0 k2 k1 k3 | k4 k6 k5 k7.
+  const __m256i quad_order = _mm256_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7);
+  for (int64_t g0 = 0, g = 0; g0 < k; g0 += group, ++g) {
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < group; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + g0 + i)));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, amax);
+    float max_abs = 0.f;
+    for (float lane : lanes) max_abs = std::max(max_abs, lane);
+    const float inv = max_abs > 0.f ? kAct16Max / max_abs : 0.f;
+    const float step = max_abs / kAct16Max;
+    __m256i total = _mm256_setzero_si256();
+    for (int i = 0; i < group; i += 8) {
+      // Round to nearest even, as the default MXCSR mode of vcvtps2dq does.
+      const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + g0 + i), _mm256_set1_ps(inv)));
+      total = _mm256_add_epi32(total, q);
+      const __m256i ordered = _mm256_permutevar8x32_epi32(q, quad_order);
+      // packs works within 128-bit halves: (lo half, lo half | hi half, hi half), then pick 0 and 2.
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(ordered, ordered), 0x08);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q_out + g0 + i), _mm256_castsi256_si128(packed));
+    }
+    alignas(32) int32_t parts[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(parts), total);
+    int64_t q_sum = 0;
+    for (int32_t part : parts) q_sum += part;
+    scale[g] = step;
+    sum[g] = step * static_cast<float>(q_sum);
   }
 }
 #endif  // __AVX512F__, FD_LINEAR_SIMD

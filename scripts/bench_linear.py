@@ -10,6 +10,12 @@ model, so they stream from DRAM, then the lm_head), per mode and M.
 
     .venv/bin/python scripts/bench_linear.py [--rows 1,8,32] [--shapes qkv,down] [--min-time 0.2]
     .venv/bin/python scripts/bench_linear.py --accuracy   # error of each mode vs fp32 on the real model
+    .venv/bin/python scripts/bench_linear.py --act16-ab [--rows 1,4,8,16,32]
+
+--act16-ab times wint8 with and without the 16-bit-activation kernels (``vnni=True`` / ``False``,
+alternating, best of three each) per shape and M, and prints the ratio of their times. With AVX2
+the kernels serve calls of up to ``act16_max_rows()`` rows; this is the table that threshold
+comes from (rows beyond it run the fp32 path either way).
 
 --accuracy loads the default GGUF model (Q4_1 layers, Q8_0 embedding, dequantized to fp32) and
 reports, per mode, wint8 group size and activation path (fp32; bf16-rounded for vdpbf16ps;
@@ -117,6 +123,27 @@ def model_step(rows: list[int], min_time: float) -> None:
     print(f"{'MB':>5} {134.5 * 4:10.0f} " + " ".join(f"{sizes[mode]:10.0f}" for mode in MODES))
 
 
+def act16_ab(rows: list[int], shapes: list[str], min_time: float) -> None:
+    rng = np.random.default_rng(0)
+    limit = L.act16_max_rows()
+    print(f"16-bit activations on wint8 up to {limit} rows ({L.native_isa()} kernels); ms per call, best of 3")
+    print(f"{'shape':>8} {'M':>5} | {'act16':>8} {'fp32-act':>9} | act16 / fp32-act")
+    for name in shapes:
+        k, n = SHAPES[name]
+        w = rng.standard_normal((n, k), dtype=np.float32) * 0.05
+        on = L.LinearWeight(w, None, "wint8", vnni=True, bf16_dot_min_rows=0)
+        off = L.LinearWeight(w, None, "wint8", vnni=False, bf16_dot_min_rows=0)
+        for m in rows:
+            x = paddle.to_tensor(rng.standard_normal((m, k), dtype=np.float32))
+            t_on, t_off = [], []
+            for _ in range(3):
+                t_on.append(time_call(lambda: on(x), min_time))
+                t_off.append(time_call(lambda: off(x), min_time))
+            note = "" if on.uses_act16(m) else "  (beyond the limit: both fp32-act)"
+            print(f"{name:>8} {m:>5} | {min(t_on) * 1e3:8.3f} {min(t_off) * 1e3:9.3f} | "
+                  f"{min(t_on) / min(t_off):.2f}{note}", flush=True)
+
+
 def accuracy() -> None:
     from fastdeploy.model_executor.loader import load_model_weights  # noqa: PLC0415
     from fastdeploy.model_store import default_model_path  # noqa: PLC0415
@@ -154,9 +181,14 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.25, help="seconds of timing per case")
     parser.add_argument("--accuracy", action="store_true", help="error per mode on the real model instead")
     parser.add_argument("--skip-step", action="store_true", help="skip the whole-model-step table")
+    parser.add_argument("--act16-ab", action="store_true",
+                        help="wint8 with vs without the 16-bit-activation kernels instead")
     args = parser.parse_args()
     if args.accuracy:
         accuracy()
+        return
+    if args.act16_ab:
+        act16_ab([int(r) for r in args.rows.split(",")], args.shapes.split(","), args.min_time)
         return
     rows = [int(r) for r in args.rows.split(",")]
     bench(rows, args.shapes.split(","), args.min_time)

@@ -79,7 +79,7 @@ def effective_weight(w: np.ndarray, quant: str, group: int) -> np.ndarray:
 
 
 def uses_bf16_dot(layer: L.LinearWeight, m: int) -> bool:
-    return (layer.backend == L.NATIVE and layer.quant != "none" and not layer.uses_vnni
+    return (layer.backend == L.NATIVE and layer.quant != "none" and not layer.uses_act16(m)
             and layer.bf16_dot_min_rows > 0 and m >= layer.bf16_dot_min_rows and L.native_caps()[1])
 
 
@@ -97,7 +97,7 @@ def act16(x: np.ndarray, group: int) -> np.ndarray:
 
 def kernel_operands(layer: L.LinearWeight, x: np.ndarray, w_eff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The activations and weights the layer's kernel multiplies for this x (float64)."""
-    if layer.uses_vnni:
+    if layer.uses_act16(x.shape[0]):
         return act16(x, layer.group_size), w_eff.astype(np.float64)
     if uses_bf16_dot(layer, x.shape[0]):
         return bf16_round(x).astype(np.float64), bf16_round(w_eff).astype(np.float64)
@@ -161,7 +161,7 @@ def test_native_matches_its_math_and_the_reference(native, shape, quant, opts):
         x = activations(m, k)
         got = run(layer, x)
         check_close(got, exact_math(layer, x, w_eff, bias), rounding_bound(x, w_eff), f"{quant} M={m} vs exact")
-        if not uses_bf16_dot(layer, m) and not layer.uses_vnni:  # the reference's products: only order differs
+        if not uses_bf16_dot(layer, m) and not layer.uses_act16(m):  # the reference's products: only order differs
             check_close(got, run(ref, x).astype(np.float64), 2 * rounding_bound(x, w_eff),
                         f"{quant} M={m} vs reference")
 
@@ -203,7 +203,9 @@ def test_wint8_group_sizes(native, group, vnni):
     assert layer.group_size == group
     assert layer.uses_vnni == (vnni and group in L.VNNI_GROUPS and L.native_caps()[2])
     w_eff = effective_weight(w, "wint8", group)
-    for m in (1, 5, 40):
+    # AVX2 runs the 16-bit kernels up to act16_max_rows() rows only: both sides of that line too.
+    edge = L.act16_max_rows() if 0 < L.act16_max_rows() < 40 else 12
+    for m in (1, 5, edge, edge + 1, 40):
         x = activations(m, k)
         check_close(run(layer, x), exact_math(layer, x, w_eff, bias), rounding_bound(x, w_eff),
                     f"group {group} M={m}")
@@ -243,13 +245,15 @@ def test_quantized_error_vs_fp32(native, shape, quant):
 def test_activation_rounding_stays_within_spec(native, quant, vnni):
     """The activations each path multiplies are within half a 16-bit step (VNNI) or 2**-8
     relative (bf16) of x, and the VNNI path is at least 30x closer to fp32 than bf16. Kernels
-    without either (AVX2) multiply x as it is."""
+    without either (AVX2 beyond its 16-bit rows) multiply x as it is."""
     k = 576
-    x = activations(64, k)
     layer = L.LinearWeight(weights(k, 40)[0], None, quant, backend=L.NATIVE, vnni=vnni)
+    m = min(64, L.act16_max_rows()) if layer.uses_vnni else 64
+    x = activations(m, k)
     x_op, _ = kernel_operands(layer, x, np.zeros((40, k), dtype=np.float32))
     if layer.uses_vnni:
-        step = np.repeat(np.abs(x.reshape(64, -1, layer.group_size)).max(axis=-1) / 32639.0, layer.group_size, axis=1)
+        assert layer.uses_act16(m)
+        step = np.repeat(np.abs(x.reshape(m, -1, layer.group_size)).max(axis=-1) / 32639.0, layer.group_size, axis=1)
         # Half a step, plus the fp32 rounding of x / step (|x / step| < 2**15: 2**-9 of a step).
         assert np.all(np.abs(x_op - x) <= step * (0.5 + 2.0 ** -8))
         assert np.abs(x_op - x).max() * 30 < np.abs(bf16_round(x) - x).max()

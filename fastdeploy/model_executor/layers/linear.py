@@ -20,11 +20,13 @@ extension builds and the CPU has AVX-512 or AVX2 + FMA, else the reference with 
 
 - native: ``native/linear.cc`` (``fd_linear``), weights pre-packed into 32-column panels, one
   packed layout for both kernel sets (AVX-512, or AVX2 + FMA: same arithmetic on 8-lane vectors,
-  without the VNNI and bf16-dot variants below, whose requests then compute in fp32).
+  without the bf16-dot variant below, whose requests then compute in fp32).
   wint8 weights multiply 16-bit fixed-point activations (one step per row and group, so at most
-  1/65278 of the group's largest activation off) with AVX512-VNNI (``vpdpbusd``) at every M:
-  exact integer sums, the multiply rate of bf16, about fp32's accuracy. fp32 and bf16 weights (and
-  wint8 without VNNI, or with ``vnni=False``) stream the weights with fp32 activations at few
+  1/65278 of the group's largest activation off) with exact integer sums, about fp32's accuracy:
+  with AVX512-VNNI (``vpdpbusd``) at every M, at the multiply rate of bf16; with AVX2
+  (``vpmaddwd``) for calls of up to :func:`act16_max_rows` rows, where skipping the int-to-float
+  conversion of the weights pays. fp32 and bf16 weights (and wint8 beyond those rows, or with
+  ``vnni=False``) stream the weights with fp32 activations at few
   rows; from ``bf16_dot_min_rows`` rows on, bf16 and 8-bit weights multiply bf16-rounded
   activations with AVX512-BF16 (``vdpbf16ps``), twice as fast as fp32 once the GEMM is
   compute-bound, but only as exact as bf16 (max logit error ~0.9 on SmolLM2, against ~0.0002 for
@@ -91,17 +93,26 @@ def native_ops() -> ModuleType:
 
 
 def _probe_caps() -> tuple[int, int, int]:
-    """fd_linear_caps as built: (vector bits of the kernels: 512, 256 or 0; bf16 dot; VNNI)."""
+    """fd_linear_caps as built: (vector bits of the kernels: 512, 256 or 0; bf16 dot; the most rows
+    a wint8 call multiplies 16-bit activations for, 0 = never)."""
     caps = native_ops().fd_linear_caps(paddle.zeros([1], dtype="float32")).numpy()
     return int(caps[0]), int(caps[1]), int(caps[2])
 
 
 @functools.cache
 def native_caps() -> tuple[bool, bool, bool]:
-    """(fd_linear kernels built: AVX-512 or AVX2 + FMA; vdpbf16ps kernels; vpdpbusd kernels), the
-    last two AVX-512 only. Raises NativeBuildError if the extension cannot be built."""
-    kernels, bf16_dot, vnni = _probe_caps()
-    return bool(kernels), bool(bf16_dot), bool(vnni)
+    """(fd_linear kernels built: AVX-512 or AVX2 + FMA; vdpbf16ps kernels, AVX-512 only;
+    16-bit-activation kernels: vpdpbusd with AVX512-VNNI, vpmaddwd with AVX2). Raises
+    NativeBuildError if the extension cannot be built."""
+    kernels, bf16_dot, act16_rows = _probe_caps()
+    return bool(kernels), bool(bf16_dot), bool(act16_rows)
+
+
+@functools.cache
+def act16_max_rows() -> int:
+    """The most rows a wint8 call runs the 16-bit-activation kernels for: any M with
+    AVX512-VNNI, 8 with AVX2 (the fp32 path is as fast from about a dozen on), 0 without them."""
+    return _probe_caps()[2]
 
 
 def native_isa() -> str:
@@ -278,8 +289,8 @@ class LinearWeight:
 
     ``w_out_in`` is float32 in Hugging Face layout ``[out, in]``. ``backend`` overrides
     :func:`linear_backend_name` for this weight (tests build one of each); ``group_size`` is the
-    wint8 group along K; ``vnni`` lets wint8 use the 16-bit-activation VNNI kernel (where the CPU
-    has it and the group is one of VNNI_GROUPS); ``bf16_dot_min_rows`` (0 = never) is where the other
+    wint8 group along K; ``vnni`` lets wint8 use the 16-bit-activation kernels (where they are built
+    and the group is one of VNNI_GROUPS; with AVX2 only for calls of few rows); ``bf16_dot_min_rows`` (0 = never) is where the other
     bf16/8-bit paths switch to bf16 activations on the native backend.
     """
 
@@ -404,8 +415,13 @@ class LinearWeight:
 
     @property
     def uses_vnni(self) -> bool:
-        """Whether calls run the 16-bit-activation VNNI kernel (wint8 on the native backend)."""
+        """Whether calls may run the 16-bit-activation kernels (wint8 on the native backend)."""
         return self._packed is not None and bool(self._vnni)
+
+    def uses_act16(self, rows: int) -> bool:
+        """Whether a call with this many rows multiplies 16-bit activations (uses_vnni, and rows
+        within what the CPU's kernels take: :func:`act16_max_rows`)."""
+        return self.uses_vnni and rows <= act16_max_rows()
 
     @property
     def weight_bytes(self) -> int:
