@@ -289,9 +289,10 @@ class LinearWeight:
 
     ``w_out_in`` is float32 in Hugging Face layout ``[out, in]``. ``backend`` overrides
     :func:`linear_backend_name` for this weight (tests build one of each); ``group_size`` is the
-    wint8 group along K; ``vnni`` lets wint8 use the 16-bit-activation kernels (where they are built
-    and the group is one of VNNI_GROUPS; with AVX2 only for calls of few rows); ``bf16_dot_min_rows`` (0 = never) is where the other
-    bf16/8-bit paths switch to bf16 activations on the native backend.
+    wint8 group along K; ``vnni`` lets wint8 use the 16-bit-activation kernels (where they are
+    built and the group is one of VNNI_GROUPS; with AVX2 only for calls of few rows);
+    ``bf16_dot_min_rows`` (0 = never) is where the other bf16/8-bit paths switch to bf16
+    activations on the native backend.
     """
 
     def __init__(self, w_out_in: np.ndarray, bias: np.ndarray | None = None, quant: str = "none", *,
