@@ -47,29 +47,34 @@ def _log_softmax(row: np.ndarray) -> np.ndarray:
 
 
 def _filter_and_draw(row: np.ndarray, seq: Sequence, rng: np.random.Generator) -> int:
+    """Top-k, then top-p / min-p over the candidates ordered by logit (descending, ties by token
+    id), then a draw of u * (kept mass) along that order.
+
+    Only the values are sorted (numpy's vectorised float sort); the drawn position is mapped back to
+    its token through the ties of its value, in id order. Arg-sorting the 49k vocabulary by (logit,
+    id) instead cost 7-15 ms per row on the AVX2 VM, more than a batch-1 decode step.
+    """
     p = seq.params
     scaled = row / np.float32(p.temperature)
     vocab = scaled.shape[0]
     k = p.top_k if 0 < p.top_k < vocab else vocab
-    # Candidates sorted by logit, descending; ties broken by token id for determinism.
-    if k < vocab:
-        cand = np.argpartition(-scaled, k - 1)[:k]
-    else:
-        cand = np.arange(vocab)
-    cand = cand[np.lexsort((cand, -scaled[cand]))]
-    logits = scaled[cand].astype(np.float64)
-    probs = np.exp(logits - logits[0])
+    pool = np.sort(np.argpartition(-scaled, k - 1)[:k]) if k < vocab else None  # ids ascending
+    logits = scaled[pool] if pool is not None else scaled
+    desc = -np.sort(-logits)
+    probs = np.exp(desc.astype(np.float64) - desc[0])
     probs /= probs.sum()
+    cum = np.cumsum(probs)
     keep = probs.shape[0]
     if p.top_p < 1.0:
-        cum = np.cumsum(probs)
         keep = min(keep, int(np.searchsorted(cum, p.top_p, side="left")) + 1)
     if p.min_p > 0.0:
         keep = min(keep, max(1, int(np.count_nonzero(probs >= p.min_p * probs[0]))))
-    probs = probs[:keep]
-    cum = np.cumsum(probs)
-    u = rng.random() * cum[-1]
-    return int(cand[min(int(np.searchsorted(cum, u, side="right")), keep - 1)])
+    cum = cum[:keep]
+    pos = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), keep - 1)
+    value = desc[pos]
+    first = int(np.searchsorted(-desc, -value, side="left"))  # where this value's ties begin
+    index = int(np.flatnonzero(logits == value)[pos - first])
+    return int(pool[index]) if pool is not None else index
 
 
 class Sampler:
