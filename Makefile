@@ -23,8 +23,9 @@ model: install
 serve: model
 	$(PY) -m fastdeploy.entrypoints.openai.api_server --model $(MODEL) --port $(PORT) $(SERVE_ARGS)
 
+# The slowest tests are listed at the end of every run, to keep the suite's time in view.
 test: model
-	FASTDEPLOY_REQUIRE_NATIVE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	FASTDEPLOY_REQUIRE_NATIVE=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # Peers for the serving bench (scripts/bench_compare.py), both compiled from the pinned sdist of
 # llama-cpp-python on this machine: its OpenAI server in .venv-bench, and llama.cpp's own
