@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fastdeploy.engine.sampler import Sampler
+from fastdeploy.engine.sampler import Sampler, reference_draw
 from fastdeploy.engine.sampling_params import SamplingParams, SamplingParamsError
 from fastdeploy.engine.sequence import Sequence
 
@@ -117,32 +117,13 @@ def test_invalid_params_name_the_parameter(field, value):
     assert err.value.param == field
 
 
-def _draw_by_full_sort(row: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """The definition the sampler implements: every candidate sorted (logit descending, ties by
-    token id), top-k, then top-p / min-p, then u * (kept mass) along the order."""
-    scaled = row / np.float32(params.temperature)
-    vocab = scaled.shape[0]
-    k = params.top_k if 0 < params.top_k < vocab else vocab
-    cand = np.argpartition(-scaled, k - 1)[:k] if k < vocab else np.arange(vocab)
-    cand = cand[np.lexsort((cand, -scaled[cand]))]
-    probs = np.exp(scaled[cand].astype(np.float64) - scaled[cand[0]])
-    probs /= probs.sum()
-    keep = probs.shape[0]
-    if params.top_p < 1.0:
-        keep = min(keep, int(np.searchsorted(np.cumsum(probs), params.top_p, side="left")) + 1)
-    if params.min_p > 0.0:
-        keep = min(keep, max(1, int(np.count_nonzero(probs >= params.min_p * probs[0]))))
-    cum = np.cumsum(probs[:keep])
-    return int(cand[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), keep - 1)])
-
-
 @pytest.mark.parametrize("shape", ["peaked", "flat", "ties", "banned"])
 @pytest.mark.parametrize("params", [dict(), dict(top_p=0.95), dict(top_p=0.5, temperature=0.7),
                                     dict(min_p=0.05), dict(top_k=40, top_p=0.9), dict(top_k=3000),
                                     dict(temperature=1.3, top_p=0.99, min_p=0.001)])
 def test_draw_equals_full_sort_definition(shape, params):
-    """The sampler sorts only the head of the order it needs (sampler._PREFIX_GAPS); every draw
-    must still equal the full-sort definition's, on a real-sized vocabulary, from the same seed."""
+    """The sampler sorts logit values only and maps the drawn position back through its ties; every
+    draw must still equal the full-sort definition's, on a real-sized vocabulary, from the same seed."""
     vocab = 49152
     gen = np.random.default_rng(7)
     mismatches = []
@@ -155,7 +136,17 @@ def test_draw_equals_full_sort_definition(shape, params):
             row[gen.integers(0, vocab, size=vocab // 2)] = -np.inf
         p = SamplingParams(seed=trial, **params)
         got, _ = Sampler([EOS]).sample(row[None, :].copy(), [make_seq(p)])
-        want = _draw_by_full_sort(row, p, np.random.default_rng(trial))
+        want = reference_draw(row, p, np.random.default_rng(trial))
         if got[0] != want:
             mismatches.append((trial, got[0], want))
     assert not mismatches
+
+
+def test_nan_logits_count_as_banned():
+    """A NaN logit is never drawn; the rest are sampled as if those tokens were banned (-inf)."""
+    row = logits_row(3) / 3
+    row[0, ::2] = np.nan
+    banned = np.where(np.isnan(row), -np.inf, row).astype(np.float32)
+    for s in range(20):
+        p = SamplingParams(seed=s, top_p=0.9)
+        assert sample(p, row)[0] == reference_draw(banned[0], p, np.random.default_rng(s))

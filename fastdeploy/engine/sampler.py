@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastdeploy.engine.protocol import TokenLogprobs
+from fastdeploy.engine.sampling_params import SamplingParams
 from fastdeploy.engine.sequence import Sequence
 
 _NEG_INF = np.float32(-np.inf)
@@ -52,10 +53,13 @@ def _filter_and_draw(row: np.ndarray, seq: Sequence, rng: np.random.Generator) -
 
     Only the values are sorted (numpy's vectorised float sort); the drawn position is mapped back to
     its token through the ties of its value, in id order. Arg-sorting the 49k vocabulary by (logit,
-    id) instead cost 7-15 ms per row on the AVX2 VM, more than a batch-1 decode step.
+    id) as reference_draw does cost 8-10 ms per row on the AVX2 VM, 3-4x this
+    (scripts/bench_sampler.py), against a batch-1 decode step of ~25 ms.
     """
     p = seq.params
     scaled = row / np.float32(p.temperature)
+    if np.isnan(scaled).any():  # a NaN would match no tie below: such tokens are never drawn
+        scaled = np.where(np.isnan(scaled), _NEG_INF, scaled)
     vocab = scaled.shape[0]
     k = p.top_k if 0 < p.top_k < vocab else vocab
     pool = np.sort(np.argpartition(-scaled, k - 1)[:k]) if k < vocab else None  # ids ascending
@@ -75,6 +79,27 @@ def _filter_and_draw(row: np.ndarray, seq: Sequence, rng: np.random.Generator) -
     first = int(np.searchsorted(-desc, -value, side="left"))  # where this value's ties begin
     index = int(np.flatnonzero(logits == value)[pos - first])
     return int(pool[index]) if pool is not None else index
+
+
+def reference_draw(row: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """The definition _filter_and_draw implements, written the direct way: every candidate
+    arg-sorted by (logit descending, token id), top-k, top-p / min-p, then u * (kept mass) along
+    the order. Equal draws from the same generator state, several times slower (it sorts indices of
+    the whole vocabulary); for tests and scripts/bench_sampler.py."""
+    scaled = row / np.float32(params.temperature)
+    vocab = scaled.shape[0]
+    k = params.top_k if 0 < params.top_k < vocab else vocab
+    cand = np.argpartition(-scaled, k - 1)[:k] if k < vocab else np.arange(vocab)
+    cand = cand[np.lexsort((cand, -scaled[cand]))]
+    probs = np.exp(scaled[cand].astype(np.float64) - scaled[cand[0]])
+    probs /= probs.sum()
+    keep = probs.shape[0]
+    if params.top_p < 1.0:
+        keep = min(keep, int(np.searchsorted(np.cumsum(probs), params.top_p, side="left")) + 1)
+    if params.min_p > 0.0:
+        keep = min(keep, max(1, int(np.count_nonzero(probs >= params.min_p * probs[0]))))
+    cum = np.cumsum(probs[:keep])
+    return int(cand[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), keep - 1)])
 
 
 class Sampler:
