@@ -117,7 +117,7 @@ def test_invalid_params_name_the_parameter(field, value):
     assert err.value.param == field
 
 
-@pytest.mark.parametrize("shape", ["peaked", "flat", "ties", "banned"])
+@pytest.mark.parametrize("shape", ["zipf", "peaked", "flat", "ties", "banned"])
 @pytest.mark.parametrize("params", [dict(), dict(top_p=0.95), dict(top_p=0.5, temperature=0.7),
                                     dict(min_p=0.05), dict(top_k=40, top_p=0.9), dict(top_k=3000),
                                     dict(temperature=1.3, top_p=0.99, min_p=0.001)])
@@ -130,6 +130,8 @@ def test_draw_equals_full_sort_definition(shape, params):
     for trial in range(25):
         scale = {"peaked": 4.0, "flat": 0.3}.get(shape, 2.0)
         row = (gen.normal(size=vocab) * scale).astype(np.float32)
+        if shape == "zipf":  # like a language model's: a few hundred tokens hold most of the mass
+            row = gen.permutation(-1.5 * np.log(np.arange(1, vocab + 1)) + row * 0.15).astype(np.float32)
         if shape == "ties":
             row = np.round(row)  # many equal logits at every cut
         if shape == "banned":
