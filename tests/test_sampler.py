@@ -122,8 +122,9 @@ def test_invalid_params_name_the_parameter(field, value):
                                     dict(min_p=0.05), dict(top_k=40, top_p=0.9), dict(top_k=3000),
                                     dict(temperature=1.3, top_p=0.99, min_p=0.001)])
 def test_draw_equals_full_sort_definition(shape, params):
-    """The sampler sorts logit values only and maps the drawn position back through its ties; every
-    draw must still equal the full-sort definition's, on a real-sized vocabulary, from the same seed."""
+    """The Sampler orders only the head of the vocabulary it needs, sorting values and mapping the
+    drawn position back through its ties; every draw must still equal the full-sort definition's,
+    on a real-sized vocabulary, from the same seed."""
     vocab = 49152
     gen = np.random.default_rng(7)
     mismatches = []
