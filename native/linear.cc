@@ -21,6 +21,8 @@
 //     every M through vpdpbusd: the multiply rate of vdpbf16ps, and at M = 1 three times fewer
 //     instructions than dequantizing to fp32. With AVX2 through vpmaddwd, up to kAct16MaxRows
 //     rows, where skipping the weights' int-to-float conversion pays (linear_kernels.h).
+//   - u8 whose codes are all 4-bit (vnni = 2, AVX2 builds): from 2 rows on, 8-bit activations
+//     with vpmaddubsw (linear_s8.h), whose int16 sums cannot saturate on 4-bit weights.
 //   - few rows (decode), other formats: each panel is streamed once and widened or dequantized in
 //     registers against fp32 activations; memory-bound anyway.
 //   - many rows (prefill, big batches): rows are cut into blocks of 96 whose tiles all pass over
@@ -41,6 +43,7 @@
 
 #include "linear.h"
 #include "linear_kernels.h"
+#include "linear_s8.h"
 #include "paddle/extension.h"
 #include "thread_pool.h"
 
@@ -49,7 +52,7 @@
 namespace fd_linear {
 
 enum Format : int { kFormatF32 = 0, kFormatBF16 = 1, kFormatU8 = 2 };
-enum class Kernel { kF32, kBF16Widen, kU8, kBF16Dot, kU8Vnni };
+enum class Kernel { kF32, kBF16Widen, kU8, kBF16Dot, kU8Vnni, kS8 };
 
 // K block of the large-M path. A row tile walks the whole K block of its panel, so each output is
 // written once; the panel slice (up to 256 KB) and the activations of one M block stay in the
@@ -86,6 +89,10 @@ struct Problem {
   const int16_t* x_q16 = nullptr;
   const float* x_step = nullptr;
   const float* x_qsum = nullptr;
+  // 4-bit codes x 8-bit activations (TileS8, AVX2, from kS8MinRows rows): x as int8 k-quads, int32 [k / 4, m],
+  // with x_step and x_qsum as above.
+  bool s8 = false;
+  const int32_t* x_q8 = nullptr;
   // Non-temporal stores for outputs too big to be read back from cache (e.g. the 49152-wide
   // lm_head at batch 64: 12.6 MB). Besides saving the read-for-ownership, this keeps the output
   // rows out of L2: their stride there is a multiple of 64 KB, so they all fall in one L2 set and
@@ -153,6 +160,20 @@ void Act16Tile(const Problem& p, const Tile& t) {
 }
 #endif
 
+#if FD_LINEAR_S8
+// A tile of the 8-bit-activation kernel (linear_s8.h), a function of its own like Act16Tile.
+template <int MR>
+void S8Tile(const Problem& p, const Tile& t) {
+  TileAcc<MR> acc;
+  Prefetcher pf = t.prefetch;
+  const int64_t groups = p.k / kS8Group;
+  const int64_t g0 = t.row * groups + t.k0 / kS8Group;
+  TileS8<MR>(p.x_q8 + t.k0 / 4 * p.m + t.row, p.m, p.x_step + g0, p.x_qsum + g0, groups,
+             static_cast<const uint8_t*>(t.b), t.kc, pf, acc);
+  StoreTile<MR>(acc, t.c, p.n, t.bias, t.cols, t.accumulate, t.stream);
+}
+#endif
+
 template <int MR>
 void RunTile(Kernel kernel, const Problem& p, const Tile& t) {
   TileAcc<MR> acc;
@@ -182,7 +203,8 @@ void RunTile(Kernel kernel, const Problem& p, const Tile& t) {
       TileBF16Dot<MR>(p.x_bf16 + t.row * p.k + t.k0, p.k, static_cast<const uint16_t*>(t.b), t.kc, pf, acc);
 #endif
       break;
-    case Kernel::kU8Vnni:  // Act16Tile (RunPanel calls it)
+    case Kernel::kU8Vnni:  // Act16Tile and S8Tile (RunPanel calls them)
+    case Kernel::kS8:
       break;
   }
   StoreTile<MR>(acc, t.c, p.n, t.bias, t.cols, t.accumulate, t.stream);
@@ -208,6 +230,15 @@ constexpr std::array<Act16Fn, kMaxVnniRows + 1> MakeAct16Fns(std::index_sequence
 }
 // kAct16Fns[rows]: the same for the 16-bit-activation kernel (1..kMaxVnniRows).
 constexpr std::array<Act16Fn, kMaxVnniRows + 1> kAct16Fns = MakeAct16Fns(std::make_index_sequence<kMaxVnniRows>());
+#endif
+
+#if FD_LINEAR_S8
+template <size_t... R>
+constexpr std::array<Act16Fn, kMaxS8Rows + 1> MakeS8Fns(std::index_sequence<R...>) {
+  return {nullptr, S8Tile<static_cast<int>(R) + 1>...};
+}
+// kS8Fns[rows]: the same for the 8-bit-activation kernel (1..kMaxS8Rows).
+constexpr std::array<Act16Fn, kMaxS8Rows + 1> kS8Fns = MakeS8Fns(std::make_index_sequence<kMaxS8Rows>());
 #endif
 
 // Per-thread slice buffers (256 KB each), reused across calls (the pool's workers live on).
@@ -241,6 +272,9 @@ struct Plan {
 
 Plan MakePlan(const Problem& p) {
   const int64_t multiple = p.format == kFormatU8 ? p.group : p.format == kFormatBF16 ? 2 : 1;
+  if (p.s8) {  // reads the packed 4-bit codes as they are
+    return {Kernel::kS8, BalancedKBlock(p.k, kKBlockBF16, multiple), false};
+  }
   if (p.vnni) {  // reads the packed 8-bit panels as they are, at any M
     return {Kernel::kU8Vnni, BalancedKBlock(p.k, kKBlockBF16, multiple), false};
   }
@@ -300,7 +334,15 @@ void RunPanel(const Problem& p, Kernel kernel, const void* b, const char* next, 
 #else
   const int64_t int_rows = kMaxRows;
 #endif
-  const int64_t tile_rows = kernel == Kernel::kU8Vnni ? int_rows : kernel == Kernel::kF32 ? kWideRows : kMaxRows;
+#if FD_LINEAR_S8
+  const int64_t s8_rows = kMaxS8Rows;
+#else
+  const int64_t s8_rows = kMaxRows;
+#endif
+  const int64_t tile_rows = kernel == Kernel::kU8Vnni ? int_rows
+                            : kernel == Kernel::kS8   ? s8_rows
+                            : kernel == Kernel::kF32  ? kWideRows
+                                                      : kMaxRows;
   const int64_t tiles = (me - mb + tile_rows - 1) / tile_rows;
   const int64_t slice_bytes = PanelRowBytes(p.format, kc, p.group);
   const int64_t share = next != nullptr ? (slice_bytes + tiles * 64 - 1) / (tiles * 64) * 64 : 0;
@@ -316,6 +358,12 @@ void RunPanel(const Problem& p, Kernel kernel, const void* b, const char* next, 
 #if FD_LINEAR_ACT16
     if (kernel == Kernel::kU8Vnni) {
       kAct16Fns[rows](p, t);
+      continue;
+    }
+#endif
+#if FD_LINEAR_S8
+    if (kernel == Kernel::kS8) {
+      kS8Fns[rows](p, t);
       continue;
     }
 #endif
@@ -413,6 +461,14 @@ constexpr int32_t kAct16Rows =
     0;
 #endif
 
+// The fewest rows a call with vnni = 2 multiplies 8-bit activations for (0: not built).
+constexpr int32_t kS8Rows =
+#if FD_LINEAR_S8
+    static_cast<int32_t>(fd_linear::kS8MinRows);
+#else
+    0;
+#endif
+
 paddle::Tensor Contiguous(const paddle::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 void CheckInputs(const paddle::Tensor& x, const paddle::Tensor& packed_w, const paddle::Tensor& bias,
@@ -436,11 +492,42 @@ void CheckInputs(const paddle::Tensor& x, const paddle::Tensor& packed_w, const 
 }
 
 #if FD_LINEAR_SIMD
-// The per-call copies of the activations some paths read: 16-bit x for vpdpbusd, bf16-rounded x
-// for vdpbf16ps, or the per-group sums of x for the zero points of the few-row 8-bit kernel.
-void PrepareActivations(fd_linear::Problem& p, int bf16_dot_min_rows, bool vnni, int num_threads) {
+#if FD_LINEAR_S8
+// 8-bit x for TileS8: with vnni = 2 (the caller vouches that every code is at most kS8MaxCode), a
+// group of kS8Group and at least kS8MinRows rows (fewer take the 16-bit kernel).
+bool PrepareS8(fd_linear::Problem& p, int vnni, int num_threads) {
+  p.s8 = vnni == 2 && p.format == fd_linear::kFormatU8 && p.group == fd_linear::kS8Group &&
+         p.m >= fd_linear::kS8MinRows;
+  if (!p.s8) return false;
+  const int64_t groups = p.k / p.group;
+  float* step = fd_linear::ScratchArray<float, 1>(p.m * groups);
+  float* qsum = fd_linear::ScratchArray<float, 2>(p.m * groups);
+  int32_t* xq = fd_linear::ScratchArray<int32_t, 0>(p.m * p.k / 4);
+  const int threads = p.m * p.k >= (1 << 15) ? std::max(num_threads, 1) : 1;
+  // Threads take blocks of 16 rows: in the [k / 4, m] layout one cache line holds a k-quad of 16
+  // rows, and rows dealt one at a time would have both threads writing the same lines.
+  constexpr int64_t kRowsPerLine = 16;
+  fd_threads::ParallelFor((p.m + kRowsPerLine - 1) / kRowsPerLine, threads, [&](int64_t block) {
+    for (int64_t row = block * kRowsPerLine; row < std::min(p.m, (block + 1) * kRowsPerLine); ++row) {
+      fd_linear::QuantizeRow8(p.x + row * p.k, p.k, p.m, xq + row, step + row * groups, qsum + row * groups);
+    }
+  });
+  p.x_q8 = xq;
+  p.x_step = step;
+  p.x_qsum = qsum;
+  return true;
+}
+#endif
+
+// The per-call copies of the activations some paths read: 8-bit x for vpmaddubsw, 16-bit x for
+// vpdpbusd or vpmaddwd, bf16-rounded x for vdpbf16ps, or the per-group sums of x for the zero
+// points of the few-row 8-bit kernel.
+void PrepareActivations(fd_linear::Problem& p, int bf16_dot_min_rows, int vnni, int num_threads) {
+#if FD_LINEAR_S8
+  if (PrepareS8(p, vnni, num_threads)) return;
+#endif
 #if FD_LINEAR_ACT16
-  p.vnni = vnni && p.format == fd_linear::kFormatU8 && fd_linear::VnniGroupOk(p.group) &&
+  p.vnni = vnni != 0 && p.format == fd_linear::kFormatU8 && fd_linear::VnniGroupOk(p.group) &&
            p.m <= fd_linear::kAct16MaxRows;
   if (p.vnni) {
     const int64_t groups = p.k / p.group;
@@ -522,7 +609,7 @@ paddle::Tensor fd_linear::Forward(const paddle::Tensor& x, const paddle::Tensor&
   p.w = w_c.data<uint8_t>();
   p.bias = bias.numel() > 0 ? b_c.data<float>() : nullptr;
   p.y = y.data<float>();
-  PrepareActivations(p, args.bf16_dot_min_rows, args.vnni != 0, args.num_threads);
+  PrepareActivations(p, args.bf16_dot_min_rows, args.vnni, args.num_threads);
   p.stream_output = m * args.n * 4 >= kStreamOutputBytes && args.n % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(p.y) % 64 == 0;
   Run(p, args.num_threads);
@@ -533,9 +620,10 @@ paddle::Tensor fd_linear::Forward(const paddle::Tensor& x, const paddle::Tensor&
 namespace {
 
 // fd_linear(x [M, K] fp32, packed_w uint8, bias fp32 [N] or [0]) -> y [M, N] fp32.
-// format: 0 fp32, 1 bf16, 2 u8 (group = rows per scale and zero). vnni: u8 weights multiply 16-bit
+// format: 0 fp32, 1 bf16, 2 u8 (group = rows per scale and zero). vnni: 1 = u8 weights multiply 16-bit
 // activations (when VnniGroupOk(group); vpdpbusd at any M with AVX512-VNNI, vpmaddwd up to
-// kAct16MaxRows rows with AVX2).
+// kAct16MaxRows rows with AVX2); 2 = the same, and every code is at most 15, so the AVX2 build
+// multiplies 8-bit activations from kS8MinRows rows on (linear_s8.h; group 32 only).
 // bf16_dot_min_rows: otherwise use vdpbf16ps with bf16-rounded activations when M >= this
 // (0 = never; bf16 and u8 formats only).
 std::vector<paddle::Tensor> LinearKernel(const paddle::Tensor& x, const paddle::Tensor& packed_w,
@@ -556,15 +644,17 @@ std::vector<paddle::DataType> LinearInferDtype(const paddle::DataType&, const pa
   return {paddle::DataType::FLOAT32};
 }
 
-// fd_linear_caps(any) -> int32 [3]: {vector width in bits of the kernels built (512 for AVX-512,
+// fd_linear_caps(any) -> int32 [4]: {vector width in bits of the kernels built (512 for AVX-512,
 // 256 for AVX2 + FMA, 0 = none: fd_linear would refuse), vdpbf16ps kernels built, the most rows a
 // call with vnni set runs the 16-bit-activation kernels for (0 = not built; vpdpbusd with
-// AVX512-VNNI: any M, vpmaddwd with AVX2: few rows)}.
+// AVX512-VNNI: any M, vpmaddwd with AVX2: few rows), the fewest rows a call with vnni = 2 runs the
+// 8-bit-activation kernel for (0 = not built)}.
 std::vector<paddle::Tensor> LinearCapsKernel(const paddle::Tensor& probe) {
-  paddle::Tensor caps = paddle::empty({3}, paddle::DataType::INT32, paddle::CPUPlace());
+  paddle::Tensor caps = paddle::empty({4}, paddle::DataType::INT32, paddle::CPUPlace());
   caps.data<int32_t>()[0] = kHaveAvx512 ? 512 : kHaveKernels ? 256 : 0;
   caps.data<int32_t>()[1] = kHaveBF16Dot ? 1 : 0;
   caps.data<int32_t>()[2] = kAct16Rows;
+  caps.data<int32_t>()[3] = kS8Rows;
   return {caps};
 }
 

@@ -13,7 +13,8 @@ struct LinearArgs {
   int format = 0;              // 0 fp32, 1 bf16, 2 u8 (affine 8-bit)
   int group = 0;               // u8: K rows per (scale, zero)
   int bf16_dot_min_rows = 0;   // vdpbf16ps with bf16 activations from this many rows on (0 = never)
-  int vnni = 0;                // u8: 16-bit activations, integer sums (where built: linear.cc)
+  int vnni = 0;                // u8: 1 = 16-bit activations, integer sums (where built: linear.cc);
+                               // 2 = codes all <= 15 too: 8-bit activations at many rows (AVX2)
   int num_threads = 1;
 };
 

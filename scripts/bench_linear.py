@@ -11,15 +11,21 @@ model, so they stream from DRAM, then the lm_head), per mode and M.
     .venv/bin/python scripts/bench_linear.py [--rows 1,8,32] [--shapes qkv,down] [--min-time 0.2]
     .venv/bin/python scripts/bench_linear.py --accuracy   # error of each mode vs fp32 on the real model
     .venv/bin/python scripts/bench_linear.py --act16-ab [--rows 1,4,8,16,32]
+    .venv/bin/python scripts/bench_linear.py --act8-ab [--rows 1,2,4,8,32,256]
 
 --act16-ab times wint8 with and without the 16-bit-activation kernels (``vnni=True`` / ``False``,
 alternating, best of three each) per shape and M, and prints the ratio of their times. With AVX2
 the kernels serve calls of up to ``act16_max_rows()`` rows; this is the table that threshold
 comes from (rows beyond it run the fp32 path either way).
 
+--act8-ab times, on weights shaped like a GGUF Q4_1 file's (4-bit codes per block of 32, fp16
+step), the three wint8 paths a call can take: 8-bit activations (the 4-bit-code kernel, AVX2
+builds), 16-bit activations and fp32 activations, alternating, best of three each.
+
 --accuracy loads the default GGUF model (Q4_1 layers, Q8_0 embedding, dequantized to fp32) and
 reports, per mode, wint8 group size and activation path (fp32; bf16-rounded for vdpbf16ps;
-16-bit for VNNI), the max abs error / max abs error relative to max |y| of the outputs of the
+"int": the integer kernels, 16-bit, or 8-bit on the Q4_1 layers where the AVX2 build takes
+act8), the max abs error / max abs error relative to max |y| of the outputs of the
 first and last layers' weights and the lm_head against fp32, on random activations (64 rows).
 """
 from __future__ import annotations
@@ -144,6 +150,45 @@ def act16_ab(rows: list[int], shapes: list[str], min_time: float) -> None:
                   f"{min(t_on) / min(t_off):.2f}{note}", flush=True)
 
 
+def q4_1_like(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, k] weights as a Q4_1 GGUF dequantizes: w = d * q + m per block of 32, q in 0..15 with
+    both ends used, d an fp16 step."""
+    q = rng.integers(0, 16, size=(n, k // 32, 32)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (rng.random((n, k // 32, 1)) * 0.01 + 0.001).astype(np.float16).astype(np.float32)
+    m = -(rng.random((n, k // 32, 1)) * 0.08).astype(np.float32)
+    return (q * d + m).reshape(n, k)
+
+
+def act8_ab(rows: list[int], shapes: list[str], min_time: float) -> None:
+    if L.act8_min_rows() == 0:
+        print(f"no 8-bit-activation kernel in this build ({L.native_isa()} kernels) or {L.ACT8_ENV}=0")
+        return
+    rng = np.random.default_rng(0)
+    print(f"wint8 on Q4_1-shaped weights ({L.native_isa()} kernels, {L.native_num_threads()} threads); "
+          "ms per call, best of 3")
+    print(f"{'shape':>8} {'M':>5} | {'act8':>8} {'act16':>8} {'fp32-act':>9} | act8/act16 act8/fp32-act")
+    for name in shapes:
+        k, n = SHAPES[name]
+        w = q4_1_like(n, k, rng)
+        paths = {"act8": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0),
+                 "act16": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0),
+                 "fp32": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0, vnni=False)}
+        paths["act16"]._vnni = 1  # the same 4-bit codes, without the vouching that enables act8
+        for m in rows:
+            x = paddle.to_tensor(rng.standard_normal((m, k), dtype=np.float32))
+            times: dict[str, list[float]] = {key: [] for key in paths}
+            for _ in range(3):
+                for key, layer in paths.items():
+                    times[key].append(time_call(lambda layer=layer: layer(x), min_time))
+            best = {key: min(v) for key, v in times.items()}
+            note = "" if paths["act8"].uses_act8(m) else "  (act8 not taken at this M)"
+            act16_note = "" if paths["act16"].uses_act16(m) else " (fp32-act)"
+            print(f"{name:>8} {m:>5} | {best['act8'] * 1e3:8.3f} {best['act16'] * 1e3:8.3f} {best['fp32'] * 1e3:9.3f} | "
+                  f"{best['act8'] / best['act16']:10.2f}{act16_note} {best['act8'] / best['fp32']:.2f}{note}",
+                  flush=True)
+
+
 def accuracy() -> None:
     from fastdeploy.model_executor.loader import load_model_weights  # noqa: PLC0415
     from fastdeploy.model_store import default_model_path  # noqa: PLC0415
@@ -156,10 +201,10 @@ def accuracy() -> None:
     configs = [  # (label, quant, LinearWeight options)
         ("bf16/fp32-act", "bf16", dict(bf16_dot_min_rows=0)),
         ("bf16/bf16-act", "bf16", dict(bf16_dot_min_rows=1)),
-        ("wint8-g32/vnni", "wint8", dict(group_size=32)),
+        ("wint8-g32/int", "wint8", dict(group_size=32)),
         ("wint8-g32/fp32-act", "wint8", dict(group_size=32, vnni=False, bf16_dot_min_rows=0)),
         ("wint8-g32/bf16-act", "wint8", dict(group_size=32, vnni=False, bf16_dot_min_rows=1)),
-        ("wint8-g64/vnni", "wint8", dict(group_size=64)),
+        ("wint8-g64/int", "wint8", dict(group_size=64)),
     ]
     print(f"{'weight':>42} " + " ".join(f"{label:>20}" for label, _, _ in configs))
     for name in names:
@@ -183,12 +228,17 @@ def main() -> None:
     parser.add_argument("--skip-step", action="store_true", help="skip the whole-model-step table")
     parser.add_argument("--act16-ab", action="store_true",
                         help="wint8 with vs without the 16-bit-activation kernels instead")
+    parser.add_argument("--act8-ab", action="store_true",
+                        help="wint8 on Q4_1-shaped weights: 8-bit vs 16-bit vs fp32 activations instead")
     args = parser.parse_args()
     if args.accuracy:
         accuracy()
         return
     if args.act16_ab:
         act16_ab([int(r) for r in args.rows.split(",")], args.shapes.split(","), args.min_time)
+        return
+    if args.act8_ab:
+        act8_ab([int(r) for r in args.rows.split(",")], args.shapes.split(","), args.min_time)
         return
     rows = [int(r) for r in args.rows.split(",")]
     bench(rows, args.shapes.split(","), args.min_time)

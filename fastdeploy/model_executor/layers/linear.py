@@ -25,7 +25,12 @@ extension builds and the CPU has AVX-512 or AVX2 + FMA, else the reference with 
   1/65278 of the group's largest activation off) with exact integer sums, about fp32's accuracy:
   with AVX512-VNNI (``vpdpbusd``) at every M, at the multiply rate of bf16; with AVX2
   (``vpmaddwd``) for calls of up to :func:`act16_max_rows` rows, where skipping the int-to-float
-  conversion of the weights pays. fp32 and bf16 weights (and wint8 beyond those rows, or with
+  conversion of the weights pays. With AVX2, wint8 layers whose groups all lie on 16-level grids
+  (GGUF Q4_1 sources; :func:`quantize_uint4_exact`) are stored as 4-bit codes, and calls of
+  :func:`act8_min_rows` (2) rows or more multiply 8-bit activations (one step per row and group
+  of 32: llama.cpp's Q8_1 grid, up to 1/254 of the group's largest activation off) with
+  ``vpmaddubsw``, 1.3-2.5x the speed of the other paths (``native/linear_s8.h``;
+  ``FASTDEPLOY_ACT8=0`` turns this off). fp32 and bf16 weights (and wint8 beyond those rows, or with
   ``vnni=False``) stream the weights with fp32 activations at few
   rows; from ``bf16_dot_min_rows`` rows on, bf16 and 8-bit weights multiply bf16-rounded
   activations with AVX512-BF16 (``vdpbf16ps``), twice as fast as fp32 once the GEMM is
@@ -59,6 +64,7 @@ logger = logging.getLogger("fastdeploy")
 
 BACKEND_ENV = "FASTDEPLOY_LINEAR_BACKEND"
 REQUIRE_NATIVE_ENV = "FASTDEPLOY_REQUIRE_NATIVE"
+ACT8_ENV = "FASTDEPLOY_ACT8"
 NATIVE = native_build.NATIVE
 REFERENCE = native_build.REFERENCE
 QUANT_MODES = ("none", "bf16", "wint8")
@@ -77,6 +83,10 @@ GEMM is compute-bound, and vdpbf16ps multiplies twice as fast as fp32 FMA."""
 _FORMAT_CODE = {"none": 0, "bf16": 1, "wint8": 2}
 VNNI_GROUPS = (16, 32, 64, 128)
 """wint8 group sizes the VNNI kernel is compiled for (VnniGroupOk in native/linear.cc)."""
+ACT8_GROUP = 32
+"""The one wint8 group the 8-bit-activation kernel takes (kS8Group in native/linear_s8.h)."""
+_VNNI_ACT8 = 2
+"""The op's ``vnni`` value saying the codes are 4-bit (8-bit activations allowed)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,11 +102,12 @@ def native_ops() -> ModuleType:
     return native_build.native_ops()
 
 
-def _probe_caps() -> tuple[int, int, int]:
+def _probe_caps() -> tuple[int, int, int, int]:
     """fd_linear_caps as built: (vector bits of the kernels: 512, 256 or 0; bf16 dot; the most rows
-    a wint8 call multiplies 16-bit activations for, 0 = never)."""
+    a wint8 call multiplies 16-bit activations for, 0 = never; the fewest rows a call on 4-bit
+    codes multiplies 8-bit activations for, 0 = never)."""
     caps = native_ops().fd_linear_caps(paddle.zeros([1], dtype="float32")).numpy()
-    return int(caps[0]), int(caps[1]), int(caps[2])
+    return int(caps[0]), int(caps[1]), int(caps[2]), int(caps[3])
 
 
 @functools.cache
@@ -104,7 +115,7 @@ def native_caps() -> tuple[bool, bool, bool]:
     """(fd_linear kernels built: AVX-512 or AVX2 + FMA; vdpbf16ps kernels, AVX-512 only;
     16-bit-activation kernels: vpdpbusd with AVX512-VNNI, vpmaddwd with AVX2). Raises
     NativeBuildError if the extension cannot be built."""
-    kernels, bf16_dot, act16_rows = _probe_caps()
+    kernels, bf16_dot, act16_rows, _ = _probe_caps()
     return bool(kernels), bool(bf16_dot), bool(act16_rows)
 
 
@@ -113,6 +124,20 @@ def act16_max_rows() -> int:
     """The most rows a wint8 call runs the 16-bit-activation kernels for: any M with
     AVX512-VNNI, 8 with AVX2 (the fp32 path is as fast from about a dozen on), 0 without them."""
     return _probe_caps()[2]
+
+
+def act8_min_rows() -> int:
+    """The fewest rows for which a wint8 call on 4-bit codes multiplies 8-bit activations (2 in
+    AVX2 builds, where a single row keeps the 16-bit kernel, which streams the weights once), 0
+    when the kernel is not built or ``FASTDEPLOY_ACT8`` is ``0``."""
+    if os.environ.get(ACT8_ENV, "1").strip() == "0":
+        return 0
+    return _act8_kernel_rows()
+
+
+@functools.cache
+def _act8_kernel_rows() -> int:
+    return _probe_caps()[3]
 
 
 def native_isa() -> str:
@@ -213,6 +238,31 @@ def quantize_uint8(w_out_in: np.ndarray, group_size: int) -> tuple[np.ndarray, n
         u[r0:r0 + rows] = np.where(use_sym[..., None], u_sym, u_min).reshape(-1, k).astype(np.uint8)
         scales[r0:r0 + rows] = np.where(use_sym, s_sym, s_min)
         zeros[r0:r0 + rows] = np.where(use_sym, z_sym, lo)
+    return u, scales, zeros
+
+
+def quantize_uint4_exact(w_out_in: np.ndarray, group_size: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``w`` on 16-level grids, as quantize_uint8's (u, scales, zeros) with every u in 0..15, when
+    each group already lies on one (GGUF Q4_1 blocks, and Q4_0 blocks that use both end levels),
+    up to fp32 rounding: 1e-5 of the group's range, where wint8 allows half a 255-level step. None
+    otherwise. The scale is then the block's own step, where the 8-bit grid would take 1/17 of it."""
+    n, k = w_out_in.shape
+    u = np.empty((n, k), dtype=np.uint8)
+    scales = np.empty((n, k // group_size), dtype=np.float32)
+    zeros = np.empty_like(scales)
+    rows = max(1, (1 << 22) // max(k, 1))
+    for r0 in range(0, n, rows):
+        g = np.asarray(w_out_in[r0:r0 + rows], dtype=np.float32).reshape(-1, k // group_size, group_size)
+        lo, hi = g.min(axis=-1), g.max(axis=-1)
+        step = (hi - lo) / np.float32(15.0)
+        codes = np.clip(np.rint((g - lo[..., None]) / np.where(step > 0, step, 1)[..., None]), 0, 15)
+        err = np.abs(codes.astype(np.float64) * step[..., None] + lo[..., None] - g).max(axis=-1)
+        if np.any(err > np.float64(1e-5) * (hi - lo)):
+            return None
+        u[r0:r0 + rows] = codes.reshape(-1, k).astype(np.uint8)
+        scales[r0:r0 + rows] = step
+        zeros[r0:r0 + rows] = lo
     return u, scales, zeros
 
 
@@ -324,6 +374,7 @@ class LinearWeight:
         self._ref_w: paddle.Tensor | None = None
         self._ref_scales: paddle.Tensor | None = None
         self._ref_zeros: paddle.Tensor | None = None
+        self._codes_4bit = False
         if self.backend == NATIVE:
             self._init_native(w)
             self._forward = self._native
@@ -347,15 +398,22 @@ class LinearWeight:
         elif self.quant == "bf16":
             packed = pack_bf16(round_to_bf16_bits(w))
         else:
-            packed = pack_uint8(*quantize_uint8(w, self.group_size))
+            four_bit = quantize_uint4_exact(w, self.group_size) if self._may_use_act8() else None
+            packed = pack_uint8(*(four_bit or quantize_uint8(w, self.group_size)))
+            self._codes_4bit = four_bit is not None
         self._packed = paddle.to_tensor(packed)
         # The op always takes a bias tensor: an optional input costs ~10 us more per call in Paddle.
         self._bias_arg = self._bias if self._bias is not None else paddle.zeros([0], dtype="float32")
         _, has_bf16_dot, has_vnni = native_caps()
         self._dot_rows = self.bf16_dot_min_rows if has_bf16_dot else 0
         self._vnni = int(self.vnni_requested and has_vnni and self.quant == "wint8" and self.group_size in VNNI_GROUPS)
+        if self._vnni and self._codes_4bit:
+            self._vnni = _VNNI_ACT8
         self._threads = _num_threads()
         self._op = native_ops().fd_linear  # looked up once: load_extension takes a lock
+
+    def _may_use_act8(self) -> bool:
+        return self.vnni_requested and self.group_size == ACT8_GROUP and act8_min_rows() > 0
 
     def _init_reference(self, w: np.ndarray) -> None:
         if self.quant == "none":
@@ -421,8 +479,13 @@ class LinearWeight:
 
     def uses_act16(self, rows: int) -> bool:
         """Whether a call with this many rows multiplies 16-bit activations (uses_vnni, and rows
-        within what the CPU's kernels take: :func:`act16_max_rows`)."""
-        return self.uses_vnni and rows <= act16_max_rows()
+        within what the CPU's kernels take: :func:`act16_max_rows`, unless :meth:`uses_act8`)."""
+        return self.uses_vnni and rows <= act16_max_rows() and not self.uses_act8(rows)
+
+    def uses_act8(self, rows: int) -> bool:
+        """Whether a call with this many rows multiplies 8-bit activations: 4-bit codes (see
+        :func:`quantize_uint4_exact`) and at least :func:`act8_min_rows` rows."""
+        return self.uses_vnni and self._vnni == _VNNI_ACT8 and rows >= act8_min_rows() > 0
 
     @property
     def weight_bytes(self) -> int:

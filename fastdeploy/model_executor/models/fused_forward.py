@@ -27,11 +27,14 @@ KVCaches = list[tuple[paddle.Tensor, paddle.Tensor]]
 
 
 def _linear_args(weights: list) -> list[int]:
-    """[n, format, group, bf16_dot_min_rows, vnni] shared by one kind of linear layer in every layer."""
-    args = {tuple(w.native_args[2:7]) for w in weights}
+    """[n, format, group, bf16_dot_min_rows, vnni] shared by one kind of linear layer in every layer.
+    Layers whose codes are not all 4-bit make the whole kind drop to vnni = 1 (vnni = 2 on 8-bit
+    codes would saturate the 8-bit-activation kernel; 1 is right for both)."""
+    args = {tuple(w.native_args[2:6]) for w in weights}
     if len(args) != 1:
         raise ValueError(f"layers disagree on their linear arguments: {sorted(args)}")
-    return [int(v) for v in args.pop()]
+    vnni = min(int(w.native_args[6]) for w in weights)
+    return [int(v) for v in args.pop()] + [vnni]
 
 
 class FusedDecoderForward:

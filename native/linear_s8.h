@@ -1,0 +1,141 @@
+// 4-bit weight codes x 8-bit activations with vpmaddubsw: the many-row kernel of fd_linear's AVX2
+// build for wint8 layers whose codes are all 0..15 (a GGUF Q4_0/Q4_1 source: the Python side
+// stores such layers as 4-bit codes with the block's own scale and passes vnni = 2).
+//
+// Why: on AVX2 the fp32 FMA path is the only fast many-row path, and fp32 multiplies 8 pairs per
+// instruction. vpmaddubsw multiplies 32 u8 x s8 pairs into 16 int16 pair sums; with a vpaddw per
+// product vector that is 16 multiply-adds per integer op against 8 per FMA (measured by
+// scripts/bench_machine.py on Zen 3: 1.5-1.6x the FMA rate in multiply-adds). Its catch is int16
+// saturation, which 4-bit weights avoid: one lane sums 2 products per vpmaddubsw and 16 over a
+// group of 32 k, at most 16 * 15 * 127 = 30480 < 32767, so a group's sums are exact.
+//
+// Activations are quantized per row and group of 32 to q = round(x / s_x), |q| <= 127 (s_x = max
+// |x| / 127): llama.cpp's Q8_1 grid for its Q4_1 dot products. Per group and row:
+//   acc += float(sum u * q) * (scale * s_x) + zero * (s_x * sum q)
+// where the int16 pair sums are widened to int32 column sums by one vpmaddwd with ones.
+//
+// Loop order as TileU8Vnni's many-row form: one 8-column block of the panel at a time over the
+// whole K range, the int16 sums of MR rows in registers, the fp32 accumulators (touched once per
+// group) in acc (memory). The activations are stored quad-major, int32 [K/4][M] (the 4 bytes of
+// one row's k-quad as one int32), so the MR broadcasts of a quad sit at constant offsets of one
+// pointer: with a row stride instead, GCC keeps the MR row pointers on the stack (no registers
+// left) and reloads one per broadcast.
+#pragma once
+
+#include "linear_kernels.h"
+
+#if !defined(__AVX512F__) && FD_LINEAR_SIMD
+#define FD_LINEAR_S8 1
+#else
+#define FD_LINEAR_S8 0
+#endif
+
+#if FD_LINEAR_S8
+namespace fd_linear {
+
+// The only group size the kernel takes: GGUF's block, and the largest whose int16 sums cannot
+// saturate (a group of 64 could reach 60960).
+constexpr int kS8Group = 32;
+// Rows per tile: MR int16 sums, the weight vector, a broadcast and the constants fit in 16 ymm.
+constexpr int kMaxS8Rows = 8;
+// Largest code of a layer the kernel may take (the saturation bound above).
+constexpr int kS8MaxCode = 15;
+// Calls of fewer rows take the 16-bit kernel (TileU8Vnni's one-pass form, which streams the panel
+// once). Time of this kernel / that one, Q4_1-shaped weights of SmolLM2's layers, 2 threads: M = 1
+// 0.80-1.10, M = 2 0.90-1.00, M = 4 0.57-0.81, M = 8 0.56-0.84, M = 12 0.61-0.67; against the fp32
+// path 0.4-0.8 from M = 2 to 256 (scripts/bench_linear.py --act8-ab).
+constexpr int64_t kS8MinRows = 2;
+
+// sum += products (vpaddw) as an opaque instruction. Written as _mm256_add_epi16, GCC
+// reassociates the adds of an unrolled group into trees of products that are all live at once
+// and spills them to the stack (measured: 0.6x the speed).
+inline void AddWords(__m256i& sum, __m256i products) {
+  asm("vpaddw %1, %0, %0" : "+x"(sum) : "x"(products));
+}
+
+// xq: the tile's first row at its first k-quad in the [K/4][M] layout (quad stride m).
+template <int MR>
+inline void TileS8(const int32_t* xq, int64_t m, const float* x_scale, const float* x_sum, int64_t xs_ld,
+                   const uint8_t* b, int64_t kc, Prefetcher& pf, __m256 (&acc)[MR][kVecs]) {
+  static_assert(MR <= kMaxS8Rows, "too many rows for the registers");
+  constexpr int G = kS8Group;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t group_bytes = U8GroupBytes(G);
+  const int64_t groups = kc / G;
+  float* out = reinterpret_cast<float*>(&acc[0][0]);  // row r, block v at out + r * kPanel + 8 * v
+#pragma GCC unroll 1
+  for (int v = 0; v < kVecs; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out + r * kPanel + 8 * v, _mm256_setzero_ps());
+    const uint8_t* group_start = b + 32 * v;
+    const int32_t* xg = xq;
+    for (int64_t g = 0; g < groups; ++g, group_start += group_bytes) {
+      pf.Step(G / 8);  // the four passes together fetch the next panel's slice once
+      __m256i sums[MR];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) sums[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int kq = 0; kq < G; kq += 4, xg += m) {
+        // 8 columns x k-quad: byte j of 32-bit lane c is (k + j, column c), and the broadcast
+        // activations are (k .. k + 3) of one row in the same byte order.
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_start + kq * kPanel));
+        const auto* xk = reinterpret_cast<const float*>(xg);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          const __m256i x4 = _mm256_castps_si256(_mm256_broadcast_ss(xk + r));
+          AddWords(sums[r], _mm256_maddubs_epi16(w, x4));
+        }
+      }
+      __m256i wide[MR];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) wide[r] = _mm256_madd_epi16(sums[r], ones);
+      const float* scale = reinterpret_cast<const float*>(group_start - 32 * v + static_cast<int64_t>(G) * kPanel);
+      ApplyGroup<MR>(wide, _mm256_loadu_ps(scale + 8 * v), _mm256_loadu_ps(scale + kPanel + 8 * v), x_scale + g,
+                     x_sum + g, xs_ld, out + 8 * v);
+    }
+  }
+}
+
+// Quantizes row x (k elements, k % 32 == 0) per group of 32 to int8 q, k-quad j of the row going
+// to q_out[j * m] (the [K/4][M] layout of TileS8), with the step s_x and s_x * sum(q) per group.
+inline void QuantizeRow8(const float* x, int64_t k, int64_t m, int32_t* q_out, float* scale, float* sum) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  // packs_epi32 then packs_epi16 interleave 128-bit halves: dwords come out as
+  // q0[0:4] q1[0:4] q2[0:4] q3[0:4] q0[4:8] q1[4:8] q2[4:8] q3[4:8]; this puts them back in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t g0 = 0, g = 0; g0 < k; g0 += kS8Group, ++g) {
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + g0 + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, amax);
+    float max_abs = 0.f;
+    for (float lane : lanes) max_abs = std::max(max_abs, lane);
+    const __m256 inv = _mm256_set1_ps(max_abs > 0.f ? 127.0f / max_abs : 0.f);
+    __m256i q[4];
+    __m256i total = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {
+      // Round to nearest even (the default MXCSR mode of vcvtps2dq); |q| <= 127, so no packing
+      // below saturates.
+      q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+      total = _mm256_add_epi32(total, q[i]);
+    }
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    alignas(32) int32_t quads[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(quads), _mm256_permutevar8x32_epi32(bytes, order));
+    for (int j = 0; j < 8; ++j) q_out[(g0 / 4 + j) * m] = quads[j];
+    alignas(32) int32_t parts[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(parts), total);
+    int32_t q_sum = 0;
+    for (int32_t part : parts) q_sum += part;
+    const float step = max_abs / 127.0f;
+    scale[g] = step;
+    sum[g] = step * static_cast<float>(q_sum);
+  }
+}
+
+}  // namespace fd_linear
+#endif  // FD_LINEAR_S8

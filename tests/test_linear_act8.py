@@ -1,0 +1,146 @@
+"""wint8 layers on 4-bit codes with 8-bit activations (native/linear_s8.h, AVX2 builds).
+
+Weights whose groups lie on 16-level grids (GGUF Q4_1 blocks) are stored as 4-bit codes, and calls
+of act8_min_rows() rows or more quantize x per row and group of 32 to int8 and sum the products
+exactly in integers. numpy recomputes those int8 activations bit for bit, so the kernel is checked
+against the float64 product of the operands it multiplies, within fp32 rounding (the bounds of
+tests/test_linear.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+from fastdeploy.model_executor.layers import linear as L
+
+from test_linear import activations, check_close, expected, native, rounding_bound  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("native")
+
+
+def q4_weights(n: int, k: int, seed: int, *, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Weights as a GGUF Q4_1 (or Q4_0: symmetric) file dequantizes them: per block of 32, fp16
+    step d and w = d * q + m, every block using both end levels; and a bias."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, size=(n, k // 32, 32)).astype(np.float32)
+    q[..., 3], q[..., 17] = 0, 15
+    d = (rng.random((n, k // 32, 1)) * 0.01 + 0.001).astype(np.float16).astype(np.float32)
+    m = np.float32(-8.0) * d if symmetric else -(rng.random((n, k // 32, 1)) * 0.08).astype(np.float32)
+    w = (q * d + m).reshape(n, k).astype(np.float32)
+    return w, rng.standard_normal(n).astype(np.float32)
+
+
+def act8(x: np.ndarray) -> np.ndarray:
+    """x on the int8 grid of the kernel (QuantizeRow8): fp32 step per row and group of 32 =
+    max|x| / 127, q = round-to-even(x * (127 / max|x|)), as float64 q * step."""
+    m, k = x.shape
+    g = x.reshape(m, k // 32, 32).astype(np.float32)
+    amax = np.abs(g).max(axis=-1)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, np.float32(1.0)), np.float32(0.0))
+    q = np.rint(g * inv.astype(np.float32)[..., None])
+    step = (amax / np.float32(127.0)).astype(np.float32)
+    return (q.astype(np.float64) * step[..., None]).reshape(m, k)
+
+
+def needs_act8() -> None:
+    if L.act8_min_rows() == 0:
+        pytest.skip("no 8-bit-activation kernel in this build (AVX-512 builds use vpdpbusd)")
+
+
+def run(layer: L.LinearWeight, x: np.ndarray) -> np.ndarray:
+    return layer(paddle.to_tensor(x)).numpy()
+
+
+def test_4bit_grids_are_found_exactly():
+    w, _ = q4_weights(40, 96, 1)
+    u, scales, zeros = L.quantize_uint4_exact(w, 32)
+    assert u.max() == 15 and u.min() == 0
+    np.testing.assert_allclose(L.dequantize_uint8(u, scales, zeros), w, rtol=0, atol=1e-7)
+    sym, _ = q4_weights(40, 96, 2, symmetric=True)
+    assert L.quantize_uint4_exact(sym, 32) is not None
+    # One weight off its block's grid, or weights that never were 4-bit: no 4-bit form.
+    off = w.copy()
+    off[7, 50] += np.float32(0.3) * scales[7, 1]
+    assert L.quantize_uint4_exact(off, 32) is None
+    assert L.quantize_uint4_exact(activations(40, 96), 32) is None
+
+
+@pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (96, 100), (4608, 72)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_act8_matches_its_math(shape):
+    """Against float64 of the int8 activations and the 4-bit weights. 100 columns end in a partial
+    panel, K = 4608 spans two K blocks; M = 1 keeps the 16-bit kernel, 9 and 99 end in short row
+    tiles, 200 spans three M blocks."""
+    needs_act8()
+    k, n = shape
+    w, bias = q4_weights(n, k, k + n)
+    layer = L.LinearWeight(w, bias, "wint8", backend=L.NATIVE)
+    assert layer.uses_act8(64) and not layer.uses_act8(1)
+    for m in (1, 2, 9, 64, 99, 200):
+        x = activations(m, k).copy()
+        x[:, 5] *= np.float32(30.0)  # an outlier channel, as real hidden states have
+        x_op = act8(x) if layer.uses_act8(m) else x.astype(np.float64)
+        if layer.uses_act16(m):
+            continue  # the 16-bit path: tests/test_linear.py
+        got = run(layer, x)
+        check_close(got, expected(x_op, w.astype(np.float64), bias), rounding_bound(x, w), f"M={m}")
+
+
+def test_act8_error_vs_fp32_is_within_half_a_step():
+    """|y - x w| <= sum_k |dx_k| |w_k| with |dx| at most half an int8 step of its group, and the
+    typical error is a few per mille of |y|."""
+    needs_act8()
+    k, n, m = 576, 960, 48
+    w, _ = q4_weights(n, k, 3)
+    layer = L.LinearWeight(w, None, "wint8", backend=L.NATIVE)
+    x = activations(m, k)
+    x_op = act8(x)
+    step = np.repeat(np.abs(x.reshape(m, -1, 32)).max(axis=-1) / 127.0, 32, axis=1)
+    assert np.all(np.abs(x_op - x) <= step * (0.5 + 2.0 ** -16))
+    got = run(layer, x)
+    exact = expected(x, w, None)
+    bound = np.abs(x_op - x) @ np.abs(w.astype(np.float64)).T + rounding_bound(x, w)
+    check_close(got, exact, bound, "vs fp32")
+    assert np.abs(got - exact).max() / np.abs(exact).max() < 1e-2
+
+
+def test_zero_and_constant_rows():
+    """A zero row (step 0) and a row of one repeated value quantize without dividing by zero."""
+    needs_act8()
+    k, n = 96, 40
+    w, bias = q4_weights(n, k, 4)
+    layer = L.LinearWeight(w, bias, "wint8", backend=L.NATIVE)
+    x = np.zeros((4, k), dtype=np.float32)
+    x[1] = np.float32(-2.5)
+    x[3, ::7] = np.float32(1e-30)
+    got = run(layer, x)
+    check_close(got, expected(act8(x), w.astype(np.float64), bias), rounding_bound(x, w), "zero rows")
+    np.testing.assert_allclose(got[0], bias, rtol=0, atol=1e-6)
+
+
+def test_act8_can_be_turned_off_and_8bit_codes_never_take_it(monkeypatch):
+    needs_act8()
+    w, _ = q4_weights(40, 96, 5)
+    monkeypatch.setenv(L.ACT8_ENV, "0")
+    assert not L.LinearWeight(w, None, "wint8", backend=L.NATIVE).uses_act8(64)
+    monkeypatch.delenv(L.ACT8_ENV)
+    assert not L.LinearWeight(w, None, "wint8", backend=L.NATIVE, vnni=False).uses_act8(64)
+    assert not L.LinearWeight(w, None, "wint8", backend=L.NATIVE, group_size=16).uses_act8(64)
+    assert not L.LinearWeight(activations(40, 96), None, "wint8", backend=L.NATIVE).uses_act8(64)
+    assert L.LinearWeight(w, None, "wint8", backend=L.NATIVE).uses_act8(64)
+
+
+def test_fused_forward_takes_act8_only_where_every_layer_has_4bit_codes():
+    """The fused decoder op gets one vnni per kind of layer: 2 only if every layer's codes are
+    4-bit (2 on 8-bit codes would saturate the int16 sums), else 1, which is right for both."""
+    from fastdeploy.model_executor.models.fused_forward import _linear_args
+
+    class Layer:
+        def __init__(self, vnni: int) -> None:
+            self.native_args = (None, None, 960, 2, 32, 0, vnni, 2)
+
+    assert _linear_args([Layer(2), Layer(2)]) == [960, 2, 32, 0, 2]
+    assert _linear_args([Layer(2), Layer(1), Layer(2)]) == [960, 2, 32, 0, 1]
+    with pytest.raises(ValueError, match="disagree"):
+        _linear_args([Layer(2), type("Other", (), {"native_args": (None, None, 576, 2, 32, 0, 2, 2)})()])
