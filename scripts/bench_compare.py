@@ -9,9 +9,7 @@ timeout, failing early if it exits), run scripts/bench_serving.py once per concu
 dataset padded to --input-len prompt tokens, exactly --output-len output tokens, one warm-up
 request first), stop it, next engine. Peers:
 - `llama-server` (llama.cpp), from PATH or next to --bench-python (`make bench-venv` builds it):
-  `-np <max concurrency> -c <slots x (input+output, rounded up)> -t 2 -tb 2 --threads-http <slots + 4>`,
-  continuous batching. (Its default HTTP pool follows the core count: with 2 cores, streams beyond
-  the pool waited at the socket and some were dropped, 2-9 of 64 at concurrency 32.)
+  `-np <max concurrency> -c <slots x (input+output, rounded up)> -t 2 -tb 2`, continuous batching.
 - llama-cpp-python's server from .venv-bench: `--n_threads 2 --n_threads_batch 2
   --interrupt_requests False`. It serves one request at a time (the others wait), has no
   `ignore_eos` and sends no usage while streaming, so EOS is banned through `logit_bias` and its
@@ -106,8 +104,7 @@ def engine_specs(args: argparse.Namespace, port: int) -> dict[str, EngineSpec | 
     server = find_llama_server(args)
     out["llama-server"] = EngineSpec("llama-server", [server, "-m", args.model, *host, "--alias", SERVED_NAME,
                                                       "-np", str(slots), "-c", str(slots * slot_ctx(args)),
-                                                      "-t", str(args.threads), "-tb", str(args.threads),
-                                                      "--threads-http", str(slots + 4)],
+                                                      "-t", str(args.threads), "-tb", str(args.threads)],
                                      "/health") if server else "llama-server not on PATH nor beside --bench-python"
     py = Path(args.bench_python)
     out["llama-cpp-python"] = EngineSpec(

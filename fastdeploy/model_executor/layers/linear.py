@@ -29,7 +29,8 @@ extension builds and the CPU has AVX-512 or AVX2 + FMA, else the reference with 
   (GGUF Q4_1 sources; :func:`quantize_uint4_exact`) are stored as 4-bit codes, and calls of
   :func:`act8_min_rows` (2) rows or more multiply 8-bit activations (one step per row and group
   of 32: llama.cpp's Q8_1 grid, up to 1/254 of the group's largest activation off) with
-  ``vpmaddubsw``, 1.3-2.5x the speed of the other paths (``native/linear_s8.h``;
+  ``vpmaddubsw``: 1.2-2.4x the speed of the fp32-activation path, and from 4 rows on 1.1-1.7x
+  the 16-bit kernel's (``scripts/bench_linear.py --act8-ab``; ``native/linear_s8.h``;
   ``FASTDEPLOY_ACT8=0`` turns this off). fp32 and bf16 weights (and wint8 beyond those rows, or with
   ``vnni=False``) stream the weights with fp32 activations at few
   rows; from ``bf16_dot_min_rows`` rows on, bf16 and 8-bit weights multiply bf16-rounded
