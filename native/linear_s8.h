@@ -1,6 +1,6 @@
-// 4-bit weight codes x 8-bit activations with vpmaddubsw: the many-row kernel of fd_linear's AVX2
-// build for wint8 layers whose codes are all 0..15 (a GGUF Q4_0/Q4_1 source: the Python side
-// stores such layers as 4-bit codes with the block's own scale and passes vnni = 2).
+// 4-bit weight codes x 8-bit activations with vpmaddubsw: fd_linear's AVX2 kernel for calls of
+// kS8MinRows (2) rows or more on wint8 layers whose codes are all 0..15 (a GGUF Q4_0/Q4_1 source:
+// the Python side stores such layers as 4-bit codes with the block's own scale and passes vnni = 2).
 //
 // Why: on AVX2 the fp32 FMA path is the only fast many-row path, and fp32 multiplies 8 pairs per
 // instruction. vpmaddubsw multiplies 32 u8 x s8 pairs into 16 int16 pair sums; with a vpaddw per
