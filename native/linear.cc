@@ -493,8 +493,8 @@ void CheckInputs(const paddle::Tensor& x, const paddle::Tensor& packed_w, const 
 
 #if FD_LINEAR_SIMD
 #if FD_LINEAR_S8
-// 8-bit x for TileS8: with vnni = 2 (the caller vouches that every code is at most kS8MaxCode), a
-// group of kS8Group and at least kS8MinRows rows (fewer take the 16-bit kernel).
+// 8-bit x for TileS8: with vnni = 2 (the caller vouches that every code is at most 15, linear_s8.h's
+// saturation bound), a group of kS8Group and at least kS8MinRows rows (fewer take the 16-bit kernel).
 bool PrepareS8(fd_linear::Problem& p, int vnni, int num_threads) {
   p.s8 = vnni == 2 && p.format == fd_linear::kFormatU8 && p.group == fd_linear::kS8Group &&
          p.m >= fd_linear::kS8MinRows;

@@ -38,8 +38,6 @@ namespace fd_linear {
 constexpr int kS8Group = 32;
 // Rows per tile: MR int16 sums, the weight vector, a broadcast and the constants fit in 16 ymm.
 constexpr int kMaxS8Rows = 8;
-// Largest code of a layer the kernel may take (the saturation bound above).
-constexpr int kS8MaxCode = 15;
 // Calls of fewer rows take the 16-bit kernel (TileU8Vnni's one-pass form, which streams the panel
 // once). Time of this kernel / that one, Q4_1-shaped weights of SmolLM2's layers, 2 threads: M = 1
 // 0.80-1.10, M = 2 0.90-1.00, M = 4 0.57-0.81, M = 8 0.56-0.84, M = 12 0.61-0.67; against the fp32

@@ -375,7 +375,6 @@ class LinearWeight:
         self._ref_w: paddle.Tensor | None = None
         self._ref_scales: paddle.Tensor | None = None
         self._ref_zeros: paddle.Tensor | None = None
-        self._codes_4bit = False
         if self.backend == NATIVE:
             self._init_native(w)
             self._forward = self._native
@@ -394,6 +393,7 @@ class LinearWeight:
         return True
 
     def _init_native(self, w: np.ndarray) -> None:
+        four_bit = None
         if self.quant == "none":
             packed = pack_f32(w)
         elif self.quant == "bf16":
@@ -401,14 +401,13 @@ class LinearWeight:
         else:
             four_bit = quantize_uint4_exact(w, self.group_size) if self._may_use_act8() else None
             packed = pack_uint8(*(four_bit or quantize_uint8(w, self.group_size)))
-            self._codes_4bit = four_bit is not None
         self._packed = paddle.to_tensor(packed)
         # The op always takes a bias tensor: an optional input costs ~10 us more per call in Paddle.
         self._bias_arg = self._bias if self._bias is not None else paddle.zeros([0], dtype="float32")
         _, has_bf16_dot, has_vnni = native_caps()
         self._dot_rows = self.bf16_dot_min_rows if has_bf16_dot else 0
         self._vnni = int(self.vnni_requested and has_vnni and self.quant == "wint8" and self.group_size in VNNI_GROUPS)
-        if self._vnni and self._codes_4bit:
+        if self._vnni and four_bit is not None:
             self._vnni = _VNNI_ACT8
         self._threads = _num_threads()
         self._op = native_ops().fd_linear  # looked up once: load_extension takes a lock
