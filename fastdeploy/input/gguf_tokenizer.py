@@ -85,9 +85,9 @@ class GGUFVocab:
 
 
 def read_gguf_vocab(path: str) -> GGUFVocab:
-    from gguf import GGUFReader
+    from fastdeploy.gguf_file import open_gguf
 
-    reader = GGUFReader(path, "r")
+    reader = open_gguf(path)
 
     def value(key: str, default: Any = None) -> Any:
         field = reader.fields.get(key)

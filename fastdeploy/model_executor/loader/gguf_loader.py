@@ -12,6 +12,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from fastdeploy.gguf_file import open_gguf
 from fastdeploy.model_executor.model_config import ModelArchConfig
 
 _GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "ernie4_5": "ernie4_5"}
@@ -102,7 +103,7 @@ WINT8_EXACT_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q
 def matrix_types(path: str) -> set[GGMLQuantizationType]:
     """Storage types of the file's weight matrices (every 2-D tensor: the embedding, the output
     head and the linear layers; norms and biases are 1-D)."""
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     return {GGMLQuantizationType(t.tensor_type) for t in reader.tensors if len(t.shape) == 2}
 
 
@@ -121,7 +122,7 @@ def tensor_to_float32(tensor: Any) -> np.ndarray:
 
 def load_gguf(path: str) -> tuple[ModelArchConfig, dict[str, np.ndarray]]:
     """Read a GGUF model file: architecture config and dequantized canonical float32 weights."""
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     cfg = arch_config_from_metadata(read_metadata(reader))
     weights: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:

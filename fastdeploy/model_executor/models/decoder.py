@@ -127,9 +127,11 @@ class DecoderModel:
     def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: str = "float32"
                            ) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
         """One (key, value) pair per layer, ``[num_blocks, num_kv_heads, block_size, head_dim]`` of
-        ``dtype`` (float32 or float16)."""
+        ``dtype`` (float32 or float16). Left uninitialized: every kernel reads only the positions a
+        sequence has written (the reference masks the rest, NaN included), and zeroing gigabytes
+        of host memory up front took seconds of each start; pages now fault in as blocks fill."""
         shape = [num_blocks, self.cfg.num_key_value_heads, block_size, self.cfg.head_dim]
-        return [(paddle.zeros(shape, dtype=dtype), paddle.zeros(shape, dtype=dtype))
+        return [(paddle.empty(shape, dtype=dtype), paddle.empty(shape, dtype=dtype))
                 for _ in range(self.cfg.num_hidden_layers)]
 
     def kv_bytes_per_block(self, block_size: int, dtype: str = "float32") -> int:
