@@ -11,6 +11,9 @@
 //                                fp32 kernel widens with one shift or one mask per 16 weights.
 //   u8   : per group of G rows along K: uint8 [G/4][32][4] (k-quads, the operand layout of
 //          vpdpbusd), float scale[32], float zero[32]; w = u * scale + zero.
+//   u4   : the same with codes 0..15, two k-quads per byte (linear_s8.h; AVX2 builds, G = 32).
+//          Format 2 covers both code widths: the packed tensor's size tells which it holds, so
+//          the layers of one kind in the fused decoder op may differ.
 //
 // A micro-kernel computes a tile of up to kMaxRows rows (12 with AVX-512, 4 for VNNI; 3 with
 // AVX2, 6 for its many-row fp32 and its 16-bit-activation kernels) x 32 columns with its
@@ -21,8 +24,8 @@
 //     every M through vpdpbusd: the multiply rate of vdpbf16ps, and at M = 1 three times fewer
 //     instructions than dequantizing to fp32. With AVX2 through vpmaddwd, up to kAct16MaxRows
 //     rows, where skipping the weights' int-to-float conversion pays (linear_kernels.h).
-//   - u8 whose codes are all 4-bit (vnni = 2, AVX2 builds): from 2 rows on, 8-bit activations
-//     with vpmaddubsw (linear_s8.h), whose int16 sums cannot saturate on 4-bit weights.
+//   - u4 (AVX2 builds): from 2 rows on, 8-bit activations with vpmaddubsw (linear_s8.h), whose
+//     int16 sums cannot saturate on 4-bit weights; one row takes 16-bit activations (vpmaddwd).
 //   - few rows (decode), other formats: each panel is streamed once and widened or dequantized in
 //     registers against fp32 activations; memory-bound anyway.
 //   - many rows (prefill, big batches): rows are cut into blocks of 96 whose tiles all pass over
@@ -51,7 +54,7 @@
 
 namespace fd_linear {
 
-enum Format : int { kFormatF32 = 0, kFormatBF16 = 1, kFormatU8 = 2 };
+enum Format : int { kFormatF32 = 0, kFormatBF16 = 1, kFormatU8 = 2, kFormatU4 = 3 };
 enum class Kernel { kF32, kBF16Widen, kU8, kBF16Dot, kU8Vnni, kS8 };
 
 // K block of the large-M path. A row tile walks the whole K block of its panel, so each output is
@@ -105,6 +108,9 @@ int64_t PanelRowBytes(int format, int64_t rows, int group) {
   switch (format) {
     case kFormatF32: return rows * kPanel * 4;
     case kFormatBF16: return rows * kPanel * 2;
+#if FD_LINEAR_S8
+    case kFormatU4: return (rows / group) * U4GroupBytes();
+#endif
     default: return (rows / group) * U8GroupBytes(group);
   }
 }
@@ -146,6 +152,15 @@ void Act16Tile(const Problem& p, const Tile& t) {
   };
 #else
   const int16_t* xq = p.x_q16 + t.row * p.k + t.k0;
+#if FD_LINEAR_S8
+  if constexpr (MR <= 2) {
+    if (p.format == kFormatU4) {
+      TileU4Act16<MR>(xq, p.k, step, qsum, groups, b, t.kc, pf, acc);
+      StoreTile<MR>(acc, t.c, p.n, t.bias, t.cols, t.accumulate, t.stream);
+      return;
+    }
+  }
+#endif
   const auto tile = [&](auto group) {
     TileU8Vnni<MR, decltype(group)::value>(xq, p.k, step, qsum, groups, b, t.kc, pf, acc);
   };
@@ -271,7 +286,7 @@ struct Plan {
 };
 
 Plan MakePlan(const Problem& p) {
-  const int64_t multiple = p.format == kFormatU8 ? p.group : p.format == kFormatBF16 ? 2 : 1;
+  const int64_t multiple = p.format >= kFormatU8 ? p.group : p.format == kFormatBF16 ? 2 : 1;
   if (p.s8) {  // reads the packed 4-bit codes as they are
     return {Kernel::kS8, BalancedKBlock(p.k, kKBlockBF16, multiple), false};
   }
@@ -488,16 +503,15 @@ void CheckInputs(const paddle::Tensor& x, const paddle::Tensor& packed_w, const 
     PD_CHECK(args.group >= 2 && args.group % 2 == 0 && k % args.group == 0, "8-bit group ", args.group,
              " must be even and divide K ", k);
   }
+
   PD_CHECK(bias.numel() == 0 || bias.numel() == args.n, "bias must have N or 0 elements");
 }
 
 #if FD_LINEAR_SIMD
 #if FD_LINEAR_S8
-// 8-bit x for TileS8: with vnni = 2 (the caller vouches that every code is at most 15, linear_s8.h's
-// saturation bound), a group of kS8Group and at least kS8MinRows rows (fewer take the 16-bit kernel).
-bool PrepareS8(fd_linear::Problem& p, int vnni, int num_threads) {
-  p.s8 = vnni == 2 && p.format == fd_linear::kFormatU8 && p.group == fd_linear::kS8Group &&
-         p.m >= fd_linear::kS8MinRows;
+// 8-bit x for TileS8: 4-bit panels with at least kS8MinRows rows (fewer take the 16-bit kernel).
+bool PrepareS8(fd_linear::Problem& p, int num_threads) {
+  p.s8 = p.format == fd_linear::kFormatU4 && p.m >= fd_linear::kS8MinRows;
   if (!p.s8) return false;
   const int64_t groups = p.k / p.group;
   float* step = fd_linear::ScratchArray<float, 1>(p.m * groups);
@@ -524,11 +538,13 @@ bool PrepareS8(fd_linear::Problem& p, int vnni, int num_threads) {
 // points of the few-row 8-bit kernel.
 void PrepareActivations(fd_linear::Problem& p, int bf16_dot_min_rows, int vnni, int num_threads) {
 #if FD_LINEAR_S8
-  if (PrepareS8(p, vnni, num_threads)) return;
+  if (PrepareS8(p, num_threads)) return;
 #endif
 #if FD_LINEAR_ACT16
-  p.vnni = vnni != 0 && p.format == fd_linear::kFormatU8 && fd_linear::VnniGroupOk(p.group) &&
-           p.m <= fd_linear::kAct16MaxRows;
+  // 4-bit panels have integer kernels only: below kS8MinRows rows the 16-bit one, whatever vnni says.
+  p.vnni = (vnni != 0 && p.format == fd_linear::kFormatU8 && fd_linear::VnniGroupOk(p.group) &&
+            p.m <= fd_linear::kAct16MaxRows) ||
+           p.format == fd_linear::kFormatU4;
   if (p.vnni) {
     const int64_t groups = p.k / p.group;
     float* step = fd_linear::ScratchArray<float, 1>(p.m * groups);
@@ -600,8 +616,17 @@ paddle::Tensor fd_linear::Forward(const paddle::Tensor& x, const paddle::Tensor&
   p.group = args.group;
   p.panel_bytes = PanelRowBytes(args.format, k, args.group);
   const int64_t panels = (args.n + kPanel - 1) / kPanel;
+#if FD_LINEAR_S8
+  // 8-bit-grid codes two to a byte: the size of 4-bit panels.
+  if (args.format == kFormatU8 && args.group == kS8Group &&
+      packed_w.numel() == panels * PanelRowBytes(kFormatU4, k, args.group)) {
+    p.format = kFormatU4;
+    p.panel_bytes = PanelRowBytes(kFormatU4, k, args.group);
+  }
+#endif
   PD_CHECK(packed_w.numel() == panels * p.panel_bytes, "packed weights hold ", packed_w.numel(),
-           " bytes, expected ", panels * p.panel_bytes, " for K=", k, " N=", args.n);
+           " bytes, expected ", panels * p.panel_bytes, " for K=", k, " N=", args.n,
+           kS8Rows > 0 && args.format == kFormatU8 ? " (8-bit panels; 4-bit ones with group 32)" : "");
   const paddle::Tensor x_c = Contiguous(x);
   const paddle::Tensor w_c = Contiguous(packed_w);
   const paddle::Tensor b_c = Contiguous(bias);
@@ -620,10 +645,10 @@ paddle::Tensor fd_linear::Forward(const paddle::Tensor& x, const paddle::Tensor&
 namespace {
 
 // fd_linear(x [M, K] fp32, packed_w uint8, bias fp32 [N] or [0]) -> y [M, N] fp32.
-// format: 0 fp32, 1 bf16, 2 u8 (group = rows per scale and zero). vnni: 1 = u8 weights multiply 16-bit
-// activations (when VnniGroupOk(group); vpdpbusd at any M with AVX512-VNNI, vpmaddwd up to
-// kAct16MaxRows rows with AVX2); 2 = the same, and every code is at most 15, so the AVX2 build
-// multiplies 8-bit activations from kS8MinRows rows on (linear_s8.h; group 32 only).
+// format: 0 fp32, 1 bf16, 2 8-bit grid (group = rows per scale and zero): u8 panels, or in AVX2 builds
+// with group 32 u4 ones, told apart by the size (8-bit activations from kS8MinRows rows on, 16-bit
+// below: linear_s8.h). vnni: 1 = u8 panels multiply 16-bit activations (when VnniGroupOk(group);
+// vpdpbusd at any M with AVX512-VNNI, vpmaddwd up to kAct16MaxRows rows with AVX2).
 // bf16_dot_min_rows: otherwise use vdpbf16ps with bf16-rounded activations when M >= this
 // (0 = never; bf16 and u8 formats only).
 std::vector<paddle::Tensor> LinearKernel(const paddle::Tensor& x, const paddle::Tensor& packed_w,
@@ -647,8 +672,8 @@ std::vector<paddle::DataType> LinearInferDtype(const paddle::DataType&, const pa
 // fd_linear_caps(any) -> int32 [4]: {vector width in bits of the kernels built (512 for AVX-512,
 // 256 for AVX2 + FMA, 0 = none: fd_linear would refuse), vdpbf16ps kernels built, the most rows a
 // call with vnni set runs the 16-bit-activation kernels for (0 = not built; vpdpbusd with
-// AVX512-VNNI: any M, vpmaddwd with AVX2: few rows), the fewest rows a call with vnni = 2 runs the
-// 8-bit-activation kernel for (0 = not built)}.
+// AVX512-VNNI: any M, vpmaddwd with AVX2: few rows), the fewest rows a call on 4-bit panels runs
+// the 8-bit-activation kernel for (0 = 4-bit panels not built)}.
 std::vector<paddle::Tensor> LinearCapsKernel(const paddle::Tensor& probe) {
   paddle::Tensor caps = paddle::empty({4}, paddle::DataType::INT32, paddle::CPUPlace());
   caps.data<int32_t>()[0] = kHaveAvx512 ? 512 : kHaveKernels ? 256 : 0;

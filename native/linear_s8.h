@@ -1,6 +1,7 @@
 // 4-bit weight codes x 8-bit activations with vpmaddubsw: fd_linear's AVX2 kernel for calls of
-// kS8MinRows (2) rows or more on wint8 layers whose codes are all 0..15 (a GGUF Q4_0/Q4_1 source:
-// the Python side stores such layers as 4-bit codes with the block's own scale and passes vnni = 2).
+// kS8MinRows (2) rows or more on 4-bit panels (format u4: a GGUF Q4_0/Q4_1/Q4_K source, whose
+// groups of 32 lie on 16-level grids; the Python side stores such layers as their 4-bit codes with
+// the block's own scale and zero).
 //
 // Why: on AVX2 the fp32 FMA path is the only fast many-row path, and fp32 multiplies 8 pairs per
 // instruction. vpmaddubsw multiplies 32 u8 x s8 pairs into 16 int16 pair sums; with a vpaddw per
@@ -8,6 +9,11 @@
 // scripts/bench_machine.py on Zen 3: 1.5-1.6x the FMA rate in multiply-adds). Its catch is int16
 // saturation, which 4-bit weights avoid: one lane sums 2 products per vpmaddubsw and 16 over a
 // group of 32 k, at most 16 * 15 * 127 = 30480 < 32767, so a group's sums are exact.
+//
+// 4-bit panels (U4GroupBytes): per group of 32 rows along K, uint8 [4][32][4] holding the 8 k-quads
+// two to a byte (quad 2i in the low nibbles, quad 2i + 1 in the high ones, each in the u8 panels'
+// [32][4] byte order), then float scale[32] and float zero[32]. That is 0.6x the bytes of the 8-bit
+// panels: at decode the weights stream from DRAM once per step, so this is 0.6x the traffic.
 //
 // Activations are quantized per row and group of 32 to q = round(x / s_x), |q| <= 127 (s_x = max
 // |x| / 127): llama.cpp's Q8_1 grid for its Q4_1 dot products. Per group and row:
@@ -33,9 +39,15 @@
 #if FD_LINEAR_S8
 namespace fd_linear {
 
-// The only group size the kernel takes: GGUF's block, and the largest whose int16 sums cannot
+// The only group size of 4-bit panels: GGUF's block, and the largest whose int16 sums cannot
 // saturate (a group of 64 could reach 60960).
 constexpr int kS8Group = 32;
+constexpr int64_t U4GroupBytes() { return int64_t{kS8Group} / 2 * kPanel + kPanel * 8; }
+// The low and the high nibbles of a 4-bit panel's bytes: two k-quads in the u8 panels' layout.
+inline __m256i LowNibbles(__m256i pair, __m256i mask) { return _mm256_and_si256(pair, mask); }
+inline __m256i HighNibbles(__m256i pair, __m256i mask) {
+  return _mm256_and_si256(_mm256_srli_epi16(pair, 4), mask);
+}
 // Rows per tile: MR int16 sums, the weight vector, a broadcast and the constants fit in 16 ymm.
 constexpr int kMaxS8Rows = 8;
 // Calls of fewer rows take the 16-bit kernel (TileU8Vnni's one-pass form, which streams the panel
@@ -43,6 +55,7 @@ constexpr int kMaxS8Rows = 8;
 // 0.80-1.10, M = 2 0.90-1.00, M = 4 0.57-0.81, M = 8 0.56-0.84, M = 12 0.61-0.67; against the fp32
 // path 0.4-0.8 from M = 2 to 256 (scripts/bench_linear.py --act8-ab).
 constexpr int64_t kS8MinRows = 2;
+static_assert(kS8MinRows <= 3, "the calls below kS8MinRows rows take TileU4Act16, which holds two rows");
 
 // sum += products (vpaddw) as an opaque instruction. Written as _mm256_add_epi16, GCC
 // reassociates the adds of an unrolled group into trees of products that are all live at once
@@ -58,7 +71,8 @@ inline void TileS8(const int32_t* xq, int64_t m, const float* x_scale, const flo
   static_assert(MR <= kMaxS8Rows, "too many rows for the registers");
   constexpr int G = kS8Group;
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t group_bytes = U8GroupBytes(G);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  constexpr int64_t group_bytes = U4GroupBytes();
   const int64_t groups = kc / G;
   float* out = reinterpret_cast<float*>(&acc[0][0]);  // row r, block v at out + r * kPanel + 8 * v
 #pragma GCC unroll 1
@@ -68,27 +82,73 @@ inline void TileS8(const int32_t* xq, int64_t m, const float* x_scale, const flo
     const uint8_t* group_start = b + 32 * v;
     const int32_t* xg = xq;
     for (int64_t g = 0; g < groups; ++g, group_start += group_bytes) {
-      pf.Step(G / 8);  // the four passes together fetch the next panel's slice once
+      pf.Step(3);  // a group is 12 lines: the four passes together fetch the next panel's slice once
       __m256i sums[MR];
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) sums[r] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int kq = 0; kq < G; kq += 4, xg += m) {
-        // 8 columns x k-quad: byte j of 32-bit lane c is (k + j, column c), and the broadcast
-        // activations are (k .. k + 3) of one row in the same byte order.
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_start + kq * kPanel));
+#pragma GCC unroll 4
+      for (int kp = 0; kp < G / 8; ++kp, xg += 2 * m) {
+        // 8 columns x two k-quads: byte j of 32-bit lane c is (k + j, column c) in each nibble, and
+        // the broadcast activations are (k .. k + 3) of one row in the same byte order.
+        const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_start + kp * 4 * kPanel));
+        const __m256i w0 = LowNibbles(pair, nibble);
+        const __m256i w1 = HighNibbles(pair, nibble);
         const auto* xk = reinterpret_cast<const float*>(xg);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
-          const __m256i x4 = _mm256_castps_si256(_mm256_broadcast_ss(xk + r));
-          AddWords(sums[r], _mm256_maddubs_epi16(w, x4));
+          AddWords(sums[r], _mm256_maddubs_epi16(w0, _mm256_castps_si256(_mm256_broadcast_ss(xk + r))));
+          AddWords(sums[r], _mm256_maddubs_epi16(w1, _mm256_castps_si256(_mm256_broadcast_ss(xk + m + r))));
         }
       }
       __m256i wide[MR];
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) wide[r] = _mm256_madd_epi16(sums[r], ones);
-      const float* scale = reinterpret_cast<const float*>(group_start - 32 * v + static_cast<int64_t>(G) * kPanel);
+      const float* scale = reinterpret_cast<const float*>(group_start - 32 * v + G / 2 * kPanel);
       ApplyGroup<MR>(wide, _mm256_loadu_ps(scale + 8 * v), _mm256_loadu_ps(scale + kPanel + 8 * v), x_scale + g,
+                     x_sum + g, xs_ld, out + 8 * v);
+    }
+  }
+}
+
+// One or two rows of a 4-bit panel with 16-bit activations (QuantizeRow16's grid, TileU8Vnni's
+// arithmetic), for the calls below kS8MinRows rows: all four column blocks in one pass, so the
+// panel streams linearly (from DRAM at decode). Each pair of k-quads is widened to the two word
+// operands per quad that QuadMadd takes, four masks and shifts per 32 bytes.
+template <int MR>
+inline void TileU4Act16(const int16_t* xq, int64_t ldx, const float* x_scale, const float* x_sum, int64_t xs_ld,
+                        const uint8_t* b, int64_t kc, Prefetcher& pf, __m256 (&acc)[MR][kVecs]) {
+  static_assert(MR <= 2, "the one-pass form holds two rows' sums of four blocks");
+  constexpr int G = kS8Group;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
+  constexpr int64_t group_bytes = U4GroupBytes();
+  float* out = reinterpret_cast<float*>(&acc[0][0]);
+  ZeroTile(acc);
+  const int16_t* xg = xq;
+  for (const uint8_t* group_start = b; group_start < b + kc / G * group_bytes; group_start += group_bytes, xg += G) {
+    __m256i sums[kVecs][MR];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) {
+#pragma GCC unroll 2
+      for (int r = 0; r < MR; ++r) sums[v][r] = _mm256_setzero_si256();
+    }
+    for (int kp = 0; kp < G / 8; ++kp) {
+      pf.Step(2);  // a pair of k-quads is 128 bytes
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) {
+        const __m256i pair =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_start + kp * 4 * kPanel + 32 * v));
+        const __m256i q0 = LowNibbles(pair, nibble);
+        const __m256i q1 = HighNibbles(pair, nibble);
+        QuadMadd<MR>(xg + 8 * kp, ldx, _mm256_and_si256(q0, low_bytes), _mm256_srli_epi16(q0, 8), sums[v]);
+        QuadMadd<MR>(xg + 8 * kp + 4, ldx, _mm256_and_si256(q1, low_bytes), _mm256_srli_epi16(q1, 8), sums[v]);
+      }
+    }
+    const float* scale = reinterpret_cast<const float*>(group_start + G / 2 * kPanel);
+    const int64_t g = (xg - xq) / G;
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) {
+      ApplyGroup<MR>(sums[v], _mm256_loadu_ps(scale + 8 * v), _mm256_loadu_ps(scale + kPanel + 8 * v), x_scale + g,
                      x_sum + g, xs_ld, out + 8 * v);
     }
   }

@@ -25,6 +25,9 @@ def run_both(runner: ModelRunner, steps: list[tuple[list[list[int]], list[int], 
     for use_fused in (False, True):
         model._fused = fused if use_fused else None
         runner.init_kv_cache(num_blocks=64, block_size=BLOCK)
+        for k, v in runner.kv_caches:  # allocated uninitialized; compared whole below
+            k.fill_(0)
+            v.fill_(0)
         logits = [runner.execute(chunks, starts, tables, list(np.cumsum([len(c) for c in chunks]) - 1))
                   for chunks, starts, tables in steps]
         caches = np.concatenate([np.stack([k.numpy(), v.numpy()]) for k, v in runner.kv_caches])
@@ -51,6 +54,28 @@ def test_fused_forward_matches_op_by_op(default_model_path, quant):
     for p, f in zip(plain, fused):
         np.testing.assert_allclose(f, p, rtol=1e-4, atol=1e-4)
         assert (f.argmax(-1) == p.argmax(-1)).all()
+
+
+def test_fused_forward_takes_layers_of_one_kind_in_both_code_widths(default_model_path, monkeypatch):
+    """A file whose blocks fit 16-level grids in some layers only (mixed GGUF block types) stores
+    4-bit panels beside 8-bit ones within one kind; the fused op tells them apart per tensor."""
+    runner = ModelRunner(default_model_path, max_model_len=1024, quantization="wint8")
+    model = runner.model
+    if not model.layers[0].down.four_bit:
+        pytest.skip("no 4-bit panels in this build")
+    from fastdeploy.model_executor.loader.gguf_loader import load_gguf
+
+    _, weights = load_gguf(default_model_path)
+    monkeypatch.setenv(L.ACT8_ENV, "0")  # packs 8-bit panels
+    for i in (1, 4):
+        model.layers[i].down = L.LinearWeight(weights[f"model.layers.{i}.mlp.down_proj.weight"], None, "wint8")
+    assert not model.layers[1].down.four_bit and model.layers[2].down.four_bit
+    rng = np.random.default_rng(1)
+    a = rng.integers(1, 40000, 20).tolist()
+    steps = [([a, [7, 8]], [0, 0], [[0, 1], [8]]), ([[11], [12]], [20, 2], [[0, 1], [8]])]
+    plain, fused = run_both(runner, steps)
+    for p, f in zip(plain, fused):
+        np.testing.assert_allclose(f, p, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_forward_can_be_turned_off(default_model_path, monkeypatch):

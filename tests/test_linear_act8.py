@@ -1,8 +1,8 @@
-"""wint8 layers on 4-bit codes with 8-bit activations (native/linear_s8.h, AVX2 builds).
+"""wint8 layers as 4-bit panels with 8-bit activations (native/linear_s8.h, AVX2 builds).
 
-Weights whose groups lie on 16-level grids (GGUF Q4_1 blocks) are stored as 4-bit codes, and calls
-of act8_min_rows() rows or more quantize x per row and group of 32 to int8 and sum the products
-exactly in integers. numpy recomputes those int8 activations bit for bit, so the kernel is checked
+Weights whose groups lie on 16-level grids (GGUF Q4_1 blocks) are stored as 4-bit codes two to a
+byte, and calls of act8_min_rows() rows or more quantize x per row and group of 32 to int8 and sum
+the products exactly in integers (one row: 16-bit activations). numpy recomputes those int8 activations bit for bit, so the kernel is checked
 against the float64 product of the operands it multiplies, within fp32 rounding (the bounds of
 tests/test_linear.py).
 """
@@ -14,7 +14,7 @@ import pytest
 
 from fastdeploy.model_executor.layers import linear as L
 
-from test_linear import activations, check_close, expected, native, rounding_bound  # noqa: F401
+from test_linear import act16, activations, check_close, expected, native, rounding_bound  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("native")
 
@@ -68,23 +68,43 @@ def test_4bit_grids_are_found_exactly():
 
 @pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (96, 100), (4608, 72)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-def test_act8_matches_its_math(shape):
-    """Against float64 of the int8 activations and the 4-bit weights. 100 columns end in a partial
-    panel, K = 4608 spans two K blocks; M = 1 keeps the 16-bit kernel, 9 and 99 end in short row
-    tiles, 200 spans three M blocks."""
+def test_4bit_panels_match_their_math(shape):
+    """Against float64 of the activations each kernel multiplies and the 4-bit weights: int8 ones
+    from 2 rows on, 16-bit ones for a single row (TileU4Act16). 100 columns end in a partial panel,
+    K = 4608 spans two K blocks; 9 and 99 rows end in short row tiles, 200 span three M blocks."""
     needs_act8()
     k, n = shape
     w, bias = q4_weights(n, k, k + n)
     layer = L.LinearWeight(w, bias, "wint8", backend=L.NATIVE)
-    assert layer.uses_act8(64) and not layer.uses_act8(1)
+    assert layer.four_bit and layer.uses_act8(64) and not layer.uses_act8(1) and layer.uses_act16(1)
     for m in (1, 2, 9, 64, 99, 200):
         x = activations(m, k).copy()
         x[:, 5] *= np.float32(30.0)  # an outlier channel, as real hidden states have
-        x_op = act8(x) if layer.uses_act8(m) else x.astype(np.float64)
-        if layer.uses_act16(m):
-            continue  # the 16-bit path: tests/test_linear.py
+        x_op = act8(x) if layer.uses_act8(m) else act16(x, 32)
         got = run(layer, x)
         check_close(got, expected(x_op, w.astype(np.float64), bias), rounding_bound(x, w), f"M={m}")
+
+
+def test_4bit_panels_are_0_6x_the_bytes_and_one_row_matches_8bit_panels_exactly():
+    """pack_uint4 holds the codes pack_uint8 holds: one row runs the same integer sums and group
+    epilogue on both (TileU4Act16 and TileU8Vnni's one-pass form), so the outputs are equal bit
+    for bit, and the size alone tells the op which layout it got."""
+    needs_act8()
+    k, n = 1536, 200
+    w, bias = q4_weights(n, k, 11)
+    codes = L.quantize_uint4_exact(w, 32)
+    u4, u8 = L.pack_uint4(*codes), L.pack_uint8(*codes)
+    assert u4.size * 5 == u8.size * 3
+    op = L.native_ops().fd_linear
+    x = paddle.to_tensor(activations(1, k))
+    b = paddle.to_tensor(bias)
+    y4 = op(x, paddle.to_tensor(u4), b, n, 2, 32, 0, 1, 2).numpy()
+    y8 = op(x, paddle.to_tensor(u8), b, n, 2, 32, 0, 1, 2).numpy()
+    np.testing.assert_array_equal(y4, y8)
+    with pytest.raises(ValueError, match="4-bit panels hold codes 0..15"):
+        L.pack_uint4(codes[0] * 2, codes[1], codes[2])
+    with pytest.raises(Exception, match="expected"):
+        op(x, paddle.to_tensor(u4[:-64]), b, n, 2, 32, 0, 1, 2)
 
 
 def test_act8_error_vs_fp32_is_within_half_a_step():
@@ -123,24 +143,10 @@ def test_act8_can_be_turned_off_and_8bit_codes_never_take_it(monkeypatch):
     needs_act8()
     w, _ = q4_weights(40, 96, 5)
     monkeypatch.setenv(L.ACT8_ENV, "0")
-    assert not L.LinearWeight(w, None, "wint8", backend=L.NATIVE).uses_act8(64)
+    off = L.LinearWeight(w, None, "wint8", backend=L.NATIVE)
+    assert not off.four_bit and not off.uses_act8(64)
     monkeypatch.delenv(L.ACT8_ENV)
     assert not L.LinearWeight(w, None, "wint8", backend=L.NATIVE, vnni=False).uses_act8(64)
     assert not L.LinearWeight(w, None, "wint8", backend=L.NATIVE, group_size=16).uses_act8(64)
     assert not L.LinearWeight(activations(40, 96), None, "wint8", backend=L.NATIVE).uses_act8(64)
     assert L.LinearWeight(w, None, "wint8", backend=L.NATIVE).uses_act8(64)
-
-
-def test_fused_forward_takes_act8_only_where_every_layer_has_4bit_codes():
-    """The fused decoder op gets one vnni per kind of layer: 2 only if every layer's codes are
-    4-bit (2 on 8-bit codes would saturate the int16 sums), else 1, which is right for both."""
-    from fastdeploy.model_executor.models.fused_forward import _linear_args
-
-    class Layer:
-        def __init__(self, vnni: int) -> None:
-            self.native_args = (None, None, 960, 2, 32, 0, vnni, 2)
-
-    assert _linear_args([Layer(2), Layer(2)]) == [960, 2, 32, 0, 2]
-    assert _linear_args([Layer(2), Layer(1), Layer(2)]) == [960, 2, 32, 0, 1]
-    with pytest.raises(ValueError, match="disagree"):
-        _linear_args([Layer(2), type("Other", (), {"native_args": (None, None, 576, 2, 32, 0, 2, 2)})()])

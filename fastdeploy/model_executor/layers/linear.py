@@ -85,9 +85,7 @@ _FORMAT_CODE = {"none": 0, "bf16": 1, "wint8": 2}
 VNNI_GROUPS = (16, 32, 64, 128)
 """wint8 group sizes the VNNI kernel is compiled for (VnniGroupOk in native/linear.cc)."""
 ACT8_GROUP = 32
-"""The one wint8 group the 8-bit-activation kernel takes (kS8Group in native/linear_s8.h)."""
-_VNNI_ACT8 = 2
-"""The op's ``vnni`` value saying the codes are 4-bit (8-bit activations allowed)."""
+"""The one group of 4-bit panels and their 8-bit-activation kernel (kS8Group in native/linear_s8.h)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,19 +315,44 @@ def pack_bf16(bits_out_in: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pairs).reshape(-1).view(np.uint8)
 
 
+def _quad_panels(u_out_in: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
+    """codes [N, K] -> [P, groups, G/4, 32, 4]: per panel and group, k-quads side by side."""
+    n, k = u_out_in.shape
+    u_panels, num_panels = _panels(u_out_in.T)                  # [P, K, 32] uint8
+    quads = u_panels.reshape(num_panels, groups, k // groups // 4, 4, PANEL).transpose(0, 1, 2, 4, 3)
+    return quads, num_panels
+
+
+def _with_scales(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """[P, groups, bytes] codes followed per group by float32 scale[32] and zero[32]."""
+    num_panels, groups = codes.shape[:2]
+    s_panels, _ = _panels(np.ascontiguousarray(scales.T))       # [P, groups, 32] float32
+    z_panels, _ = _panels(np.ascontiguousarray(zeros.T))
+    parts = [codes, s_panels.reshape(num_panels, groups, PANEL).view(np.uint8),
+             z_panels.reshape(num_panels, groups, PANEL).view(np.uint8)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(-1)
+
+
 def pack_uint8(u_out_in: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
     """Per panel and group along K: uint8 [G/4][32][4] (k-quads side by side, as vpdpbusd reads
     them), float32 scale[32], float32 zero[32]."""
-    n, k = u_out_in.shape
     groups = scales.shape[1]
-    u_panels, num_panels = _panels(u_out_in.T)                  # [P, K, 32] uint8
-    s_panels, _ = _panels(np.ascontiguousarray(scales.T))       # [P, groups, 32] float32
-    z_panels, _ = _panels(np.ascontiguousarray(zeros.T))
-    quads = u_panels.reshape(num_panels, groups, k // groups // 4, 4, PANEL).transpose(0, 1, 2, 4, 3)
-    parts = [np.ascontiguousarray(quads).reshape(num_panels, groups, (k // groups) * PANEL),
-             s_panels.reshape(num_panels, groups, PANEL).view(np.uint8),
-             z_panels.reshape(num_panels, groups, PANEL).view(np.uint8)]
-    return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(-1)
+    quads, num_panels = _quad_panels(u_out_in, groups)
+    return _with_scales(np.ascontiguousarray(quads).reshape(num_panels, groups, -1), scales, zeros)
+
+
+def pack_uint4(u_out_in: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """pack_uint8's layout for codes 0..15 with two k-quads per byte: per group, quad 2i in the low
+    nibbles and quad 2i + 1 in the high ones (native/linear_s8.h), 0.6x the bytes at group 32."""
+    groups = scales.shape[1]
+    if u_out_in.shape[1] // groups % 8:
+        raise ValueError(f"4-bit panels need groups of a multiple of 8 rows, got {u_out_in.shape[1] // groups}")
+    if u_out_in.size and int(u_out_in.max()) > 15:
+        raise ValueError("4-bit panels hold codes 0..15 only")
+    quads, num_panels = _quad_panels(u_out_in, groups)
+    pairs = quads.reshape(num_panels, groups, -1, 2, PANEL, 4)
+    nibbles = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)
+    return _with_scales(np.ascontiguousarray(nibbles).reshape(num_panels, groups, -1), scales, zeros)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,6 +395,7 @@ class LinearWeight:
 
         self._bias = paddle.to_tensor(bias) if bias is not None else None
         self._packed: paddle.Tensor | None = None
+        self._nibbles = False  # wint8 packed as 4-bit panels
         self._ref_w: paddle.Tensor | None = None
         self._ref_scales: paddle.Tensor | None = None
         self._ref_zeros: paddle.Tensor | None = None
@@ -400,15 +424,17 @@ class LinearWeight:
             packed = pack_bf16(round_to_bf16_bits(w))
         else:
             four_bit = quantize_uint4_exact(w, self.group_size) if self._may_use_act8() else None
-            packed = pack_uint8(*(four_bit or quantize_uint8(w, self.group_size)))
+            if four_bit is not None:
+                packed = pack_uint4(*four_bit)  # the op knows it by its size
+                self._nibbles = True
+            else:
+                packed = pack_uint8(*quantize_uint8(w, self.group_size))
         self._packed = paddle.to_tensor(packed)
         # The op always takes a bias tensor: an optional input costs ~10 us more per call in Paddle.
         self._bias_arg = self._bias if self._bias is not None else paddle.zeros([0], dtype="float32")
         _, has_bf16_dot, has_vnni = native_caps()
         self._dot_rows = self.bf16_dot_min_rows if has_bf16_dot else 0
         self._vnni = int(self.vnni_requested and has_vnni and self.quant == "wint8" and self.group_size in VNNI_GROUPS)
-        if self._vnni and four_bit is not None:
-            self._vnni = _VNNI_ACT8
         self._threads = _num_threads()
         self._op = native_ops().fd_linear  # looked up once: load_extension takes a lock
 
@@ -477,15 +503,23 @@ class LinearWeight:
         """Whether calls may run the 16-bit-activation kernels (wint8 on the native backend)."""
         return self._packed is not None and bool(self._vnni)
 
+    @property
+    def four_bit(self) -> bool:
+        """Whether the layer is stored as 4-bit panels (:func:`pack_uint4`), whose calls all run
+        integer kernels: 8-bit activations from :func:`act8_min_rows` rows on, 16-bit below."""
+        return self._packed is not None and self._nibbles
+
     def uses_act16(self, rows: int) -> bool:
         """Whether a call with this many rows multiplies 16-bit activations (uses_vnni, and rows
         within what the CPU's kernels take: :func:`act16_max_rows`, unless :meth:`uses_act8`)."""
-        return self.uses_vnni and rows <= act16_max_rows() and not self.uses_act8(rows)
+        if self.four_bit:
+            return not self.uses_act8(rows)
+        return self.uses_vnni and rows <= act16_max_rows()
 
     def uses_act8(self, rows: int) -> bool:
-        """Whether a call with this many rows multiplies 8-bit activations: 4-bit codes (see
-        :func:`quantize_uint4_exact`) and at least :func:`act8_min_rows` rows."""
-        return self.uses_vnni and self._vnni == _VNNI_ACT8 and rows >= act8_min_rows() > 0
+        """Whether a call with this many rows multiplies 8-bit activations: 4-bit panels (see
+        :func:`quantize_uint4_exact`) and at least the kernel's fewest rows."""
+        return self.four_bit and rows >= _act8_kernel_rows()
 
     @property
     def weight_bytes(self) -> int:

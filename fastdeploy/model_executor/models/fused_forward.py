@@ -28,8 +28,9 @@ KVCaches = list[tuple[paddle.Tensor, paddle.Tensor]]
 
 def _linear_args(weights: list) -> list[int]:
     """[n, format, group, bf16_dot_min_rows, vnni] shared by one kind of linear layer in every layer.
-    Layers whose codes are not all 4-bit make the whole kind drop to vnni = 1 (vnni = 2 on 8-bit
-    codes would saturate the 8-bit-activation kernel; 1 is right for both)."""
+    wint8 layers may differ in their code width (4-bit panels where the codes allow, see
+    linear.pack_uint4): the op tells the widths apart by each tensor's size. vnni is the smallest
+    of the kind's (1 and 0 differ only where the 16-bit-activation kernels are not built)."""
     args = {tuple(w.native_args[2:6]) for w in weights}
     if len(args) != 1:
         raise ValueError(f"layers disagree on their linear arguments: {sorted(args)}")
