@@ -12,8 +12,9 @@
 //
 // 4-bit panels (U4GroupBytes): per group of 32 rows along K, uint8 [4][32][4] holding the 8 k-quads
 // two to a byte (quad 2i in the low nibbles, quad 2i + 1 in the high ones, each in the u8 panels'
-// [32][4] byte order), then float scale[32] and float zero[32]. That is 0.6x the bytes of the 8-bit
-// panels: at decode the weights stream from DRAM once per step, so this is 0.6x the traffic.
+// [32][4] byte order), then IEEE half scale[32] and zero[32]: GGUF stores a 4-bit block's step and
+// offset as halves, so they are exact (the Python side keeps a layer 8-bit otherwise). 5 bits per
+// weight, half the bytes of the 8-bit panels: at decode the weights stream from DRAM once per step.
 //
 // Activations are quantized per row and group of 32 to q = round(x / s_x), |q| <= 127 (s_x = max
 // |x| / 127): llama.cpp's Q8_1 grid for its Q4_1 dot products. Per group and row:
@@ -42,7 +43,11 @@ namespace fd_linear {
 // The only group size of 4-bit panels: GGUF's block, and the largest whose int16 sums cannot
 // saturate (a group of 64 could reach 60960).
 constexpr int kS8Group = 32;
-constexpr int64_t U4GroupBytes() { return int64_t{kS8Group} / 2 * kPanel + kPanel * 8; }
+constexpr int64_t U4GroupBytes() { return int64_t{kS8Group} / 2 * kPanel + kPanel * 4; }
+// Eight halves of a 4-bit panel's scales or zeros, widened (F16C, which every AVX2 + FMA CPU has).
+inline __m256 LoadHalves(const uint8_t* at) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+}
 // The low and the high nibbles of a 4-bit panel's bytes: two k-quads in the u8 panels' layout.
 inline __m256i LowNibbles(__m256i pair, __m256i mask) { return _mm256_and_si256(pair, mask); }
 inline __m256i HighNibbles(__m256i pair, __m256i mask) {
@@ -82,7 +87,7 @@ inline void TileS8(const int32_t* xq, int64_t m, const float* x_scale, const flo
     const uint8_t* group_start = b + 32 * v;
     const int32_t* xg = xq;
     for (int64_t g = 0; g < groups; ++g, group_start += group_bytes) {
-      pf.Step(3);  // a group is 12 lines: the four passes together fetch the next panel's slice once
+      pf.Step(3);  // a group is 10 lines: the four passes together fetch the next panel's slice once
       __m256i sums[MR];
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) sums[r] = _mm256_setzero_si256();
@@ -103,8 +108,8 @@ inline void TileS8(const int32_t* xq, int64_t m, const float* x_scale, const flo
       __m256i wide[MR];
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) wide[r] = _mm256_madd_epi16(sums[r], ones);
-      const float* scale = reinterpret_cast<const float*>(group_start - 32 * v + G / 2 * kPanel);
-      ApplyGroup<MR>(wide, _mm256_loadu_ps(scale + 8 * v), _mm256_loadu_ps(scale + kPanel + 8 * v), x_scale + g,
+      const uint8_t* scale = group_start - 32 * v + G / 2 * kPanel;
+      ApplyGroup<MR>(wide, LoadHalves(scale + 16 * v), LoadHalves(scale + 2 * kPanel + 16 * v), x_scale + g,
                      x_sum + g, xs_ld, out + 8 * v);
     }
   }
@@ -144,11 +149,11 @@ inline void TileU4Act16(const int16_t* xq, int64_t ldx, const float* x_scale, co
         QuadMadd<MR>(xg + 8 * kp + 4, ldx, _mm256_and_si256(q1, low_bytes), _mm256_srli_epi16(q1, 8), sums[v]);
       }
     }
-    const float* scale = reinterpret_cast<const float*>(group_start + G / 2 * kPanel);
+    const uint8_t* scale = group_start + G / 2 * kPanel;
     const int64_t g = (xg - xq) / G;
 #pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) {
-      ApplyGroup<MR>(sums[v], _mm256_loadu_ps(scale + 8 * v), _mm256_loadu_ps(scale + kPanel + 8 * v), x_scale + g,
+      ApplyGroup<MR>(sums[v], LoadHalves(scale + 16 * v), LoadHalves(scale + 2 * kPanel + 16 * v), x_scale + g,
                      x_sum + g, xs_ld, out + 8 * v);
     }
   }

@@ -20,13 +20,13 @@ pytestmark = pytest.mark.usefixtures("native")
 
 
 def q4_weights(n: int, k: int, seed: int, *, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Weights as a GGUF Q4_1 (or Q4_0: symmetric) file dequantizes them: per block of 32, fp16
-    step d and w = d * q + m, every block using both end levels; and a bias."""
+    """Weights as a GGUF Q4_1 (or Q4_0: symmetric) file dequantizes them: per block of 32, half
+    step d and offset m, w = d * q + m, every block using both end levels; and a bias."""
     rng = np.random.default_rng(seed)
     q = rng.integers(0, 16, size=(n, k // 32, 32)).astype(np.float32)
     q[..., 3], q[..., 17] = 0, 15
     d = (rng.random((n, k // 32, 1)) * 0.01 + 0.001).astype(np.float16).astype(np.float32)
-    m = np.float32(-8.0) * d if symmetric else -(rng.random((n, k // 32, 1)) * 0.08).astype(np.float32)
+    m = np.float32(-8.0) * d if symmetric else -(rng.random((n, k // 32, 1)) * 0.08).astype(np.float16)
     w = (q * d + m).reshape(n, k).astype(np.float32)
     return w, rng.standard_normal(n).astype(np.float32)
 
@@ -64,6 +64,8 @@ def test_4bit_grids_are_found_exactly():
     off[7, 50] += np.float32(0.3) * scales[7, 1]
     assert L.quantize_uint4_exact(off, 32) is None
     assert L.quantize_uint4_exact(activations(40, 96), 32) is None
+    # A 16-level grid whose step is no half (4-bit panels store halves): stays 8-bit.
+    assert L.quantize_uint4_exact(w * np.float32(1.0 + 2.0 ** -13), 32) is None
 
 
 @pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (96, 100), (4608, 72)],
@@ -85,7 +87,7 @@ def test_4bit_panels_match_their_math(shape):
         check_close(got, expected(x_op, w.astype(np.float64), bias), rounding_bound(x, w), f"M={m}")
 
 
-def test_4bit_panels_are_0_6x_the_bytes_and_one_row_matches_8bit_panels_exactly():
+def test_4bit_panels_are_half_the_bytes_and_one_row_matches_8bit_panels_exactly():
     """pack_uint4 holds the codes pack_uint8 holds: one row runs the same integer sums and group
     epilogue on both (TileU4Act16 and TileU8Vnni's one-pass form), so the outputs are equal bit
     for bit, and the size alone tells the op which layout it got."""
@@ -94,7 +96,7 @@ def test_4bit_panels_are_0_6x_the_bytes_and_one_row_matches_8bit_panels_exactly(
     w, bias = q4_weights(n, k, 11)
     codes = L.quantize_uint4_exact(w, 32)
     u4, u8 = L.pack_uint4(*codes), L.pack_uint8(*codes)
-    assert u4.size * 5 == u8.size * 3
+    assert u4.size * 2 == u8.size
     op = L.native_ops().fd_linear
     x = paddle.to_tensor(activations(1, k))
     b = paddle.to_tensor(bias)
@@ -103,6 +105,8 @@ def test_4bit_panels_are_0_6x_the_bytes_and_one_row_matches_8bit_panels_exactly(
     np.testing.assert_array_equal(y4, y8)
     with pytest.raises(ValueError, match="4-bit panels hold codes 0..15"):
         L.pack_uint4(codes[0] * 2, codes[1], codes[2])
+    with pytest.raises(ValueError, match="exact halves"):
+        L.pack_uint4(codes[0], codes[1] * np.float32(1.0 + 2.0 ** -13), codes[2])
     with pytest.raises(Exception, match="expected"):
         op(x, paddle.to_tensor(u4[:-64]), b, n, 2, 32, 0, 1, 2)
 

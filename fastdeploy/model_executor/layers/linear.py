@@ -243,9 +243,10 @@ def quantize_uint8(w_out_in: np.ndarray, group_size: int) -> tuple[np.ndarray, n
 def quantize_uint4_exact(w_out_in: np.ndarray, group_size: int
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``w`` on 16-level grids, as quantize_uint8's (u, scales, zeros) with every u in 0..15, when
-    each group already lies on one (GGUF Q4_1 blocks, and Q4_0 blocks that use both end levels),
-    up to fp32 rounding: 1e-5 of the group's range, where wint8 allows half a 255-level step. None
-    otherwise. The scale is then the block's own step, where the 8-bit grid would take 1/17 of it."""
+    each group already lies on one whose step and offset are IEEE halves (GGUF Q4_1 blocks, and
+    Q4_0 blocks that use both end levels, store them so), up to fp32 rounding: 1e-5 of the group's
+    range, where wint8 allows half a 255-level step. None otherwise. The scale is then the block's
+    own step, where the 8-bit grid would take 1/17 of it, and pack_uint4 stores it as a half."""
     n, k = w_out_in.shape
     u = np.empty((n, k), dtype=np.uint8)
     scales = np.empty((n, k // group_size), dtype=np.float32)
@@ -254,7 +255,8 @@ def quantize_uint4_exact(w_out_in: np.ndarray, group_size: int
     for r0 in range(0, n, rows):
         g = np.asarray(w_out_in[r0:r0 + rows], dtype=np.float32).reshape(-1, k // group_size, group_size)
         lo, hi = g.min(axis=-1), g.max(axis=-1)
-        step = (hi - lo) / np.float32(15.0)
+        step = ((hi - lo) / np.float32(15.0)).astype(np.float16).astype(np.float32)
+        lo = lo.astype(np.float16).astype(np.float32)
         codes = np.clip(np.rint((g - lo[..., None]) / np.where(step > 0, step, 1)[..., None]), 0, 15)
         err = np.abs(codes.astype(np.float64) * step[..., None] + lo[..., None] - g).max(axis=-1)
         if np.any(err > np.float64(1e-5) * (hi - lo)):
@@ -324,9 +326,9 @@ def _quad_panels(u_out_in: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
 
 
 def _with_scales(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
-    """[P, groups, bytes] codes followed per group by float32 scale[32] and zero[32]."""
+    """[P, groups, bytes] codes followed per group by scale[32] and zero[32] in their dtype."""
     num_panels, groups = codes.shape[:2]
-    s_panels, _ = _panels(np.ascontiguousarray(scales.T))       # [P, groups, 32] float32
+    s_panels, _ = _panels(np.ascontiguousarray(scales.T))       # [P, groups, 32]
     z_panels, _ = _panels(np.ascontiguousarray(zeros.T))
     parts = [codes, s_panels.reshape(num_panels, groups, PANEL).view(np.uint8),
              z_panels.reshape(num_panels, groups, PANEL).view(np.uint8)]
@@ -342,17 +344,21 @@ def pack_uint8(u_out_in: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> n
 
 
 def pack_uint4(u_out_in: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
-    """pack_uint8's layout for codes 0..15 with two k-quads per byte: per group, quad 2i in the low
-    nibbles and quad 2i + 1 in the high ones (native/linear_s8.h), 0.6x the bytes at group 32."""
+    """pack_uint8's layout for codes 0..15 with two k-quads per byte (per group, quad 2i in the low
+    nibbles and quad 2i + 1 in the high ones) and half-precision scales and zeros, which must be
+    exact halves (native/linear_s8.h): half the bytes of pack_uint8 at group 32."""
     groups = scales.shape[1]
     if u_out_in.shape[1] // groups % 8:
         raise ValueError(f"4-bit panels need groups of a multiple of 8 rows, got {u_out_in.shape[1] // groups}")
     if u_out_in.size and int(u_out_in.max()) > 15:
         raise ValueError("4-bit panels hold codes 0..15 only")
+    halves = [np.asarray(a, dtype=np.float32).astype(np.float16) for a in (scales, zeros)]
+    if any(not np.array_equal(h.astype(np.float32), a) for h, a in zip(halves, (scales, zeros))):
+        raise ValueError("4-bit panels hold scales and zeros that are exact halves only")
     quads, num_panels = _quad_panels(u_out_in, groups)
     pairs = quads.reshape(num_panels, groups, -1, 2, PANEL, 4)
     nibbles = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)
-    return _with_scales(np.ascontiguousarray(nibbles).reshape(num_panels, groups, -1), scales, zeros)
+    return _with_scales(np.ascontiguousarray(nibbles).reshape(num_panels, groups, -1), *halves)
 
 
 # ------------------------------------------------------------------------------------------------
