@@ -503,7 +503,6 @@ void CheckInputs(const paddle::Tensor& x, const paddle::Tensor& packed_w, const 
     PD_CHECK(args.group >= 2 && args.group % 2 == 0 && k % args.group == 0, "8-bit group ", args.group,
              " must be even and divide K ", k);
   }
-
   PD_CHECK(bias.numel() == 0 || bias.numel() == args.n, "bias must have N or 0 elements");
 }
 

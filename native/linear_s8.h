@@ -1,7 +1,7 @@
 // 4-bit weight codes x 8-bit activations with vpmaddubsw: fd_linear's AVX2 kernel for calls of
-// kS8MinRows (2) rows or more on 4-bit panels (format u4: a GGUF Q4_0/Q4_1/Q4_K source, whose
-// groups of 32 lie on 16-level grids; the Python side stores such layers as their 4-bit codes with
-// the block's own scale and zero).
+// kS8MinRows (2) rows or more on 4-bit panels (u4: a GGUF Q4_0/Q4_1 source, whose groups of 32
+// lie on 16-level grids; the Python side stores such layers as their 4-bit codes with the block's
+// own scale and zero).
 //
 // Why: on AVX2 the fp32 FMA path is the only fast many-row path, and fp32 multiplies 8 pairs per
 // instruction. vpmaddubsw multiplies 32 u8 x s8 pairs into 16 int16 pair sums; with a vpaddw per
@@ -138,7 +138,7 @@ inline void TileU4Act16(const int16_t* xq, int64_t ldx, const float* x_scale, co
       for (int r = 0; r < MR; ++r) sums[v][r] = _mm256_setzero_si256();
     }
     for (int kp = 0; kp < G / 8; ++kp) {
-      pf.Step(2);  // a pair of k-quads is 128 bytes
+      pf.Step(3);  // a group is 10 lines: four steps of 3 keep ahead of it
 #pragma GCC unroll 4
       for (int v = 0; v < kVecs; ++v) {
         const __m256i pair =

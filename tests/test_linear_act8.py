@@ -2,9 +2,9 @@
 
 Weights whose groups lie on 16-level grids (GGUF Q4_1 blocks) are stored as 4-bit codes two to a
 byte, and calls of act8_min_rows() rows or more quantize x per row and group of 32 to int8 and sum
-the products exactly in integers (one row: 16-bit activations). numpy recomputes those int8 activations bit for bit, so the kernel is checked
-against the float64 product of the operands it multiplies, within fp32 rounding (the bounds of
-tests/test_linear.py).
+the products exactly in integers (one row: 16-bit activations). numpy recomputes those activations
+bit for bit, so the kernels are checked against the float64 product of the operands they multiply,
+within fp32 rounding (the bounds of tests/test_linear.py).
 """
 from __future__ import annotations
 

@@ -26,12 +26,13 @@ extension builds and the CPU has AVX-512 or AVX2 + FMA, else the reference with 
   with AVX512-VNNI (``vpdpbusd``) at every M, at the multiply rate of bf16; with AVX2
   (``vpmaddwd``) for calls of up to :func:`act16_max_rows` rows, where skipping the int-to-float
   conversion of the weights pays. With AVX2, wint8 layers whose groups all lie on 16-level grids
-  (GGUF Q4_1 sources; :func:`quantize_uint4_exact`) are stored as 4-bit codes, and calls of
+  (GGUF Q4_1 sources; :func:`quantize_uint4_exact`) are stored as 4-bit panels (two codes per
+  byte, half scales: :func:`pack_uint4`, half the bytes a decode step streams), and calls of
   :func:`act8_min_rows` (2) rows or more multiply 8-bit activations (one step per row and group
   of 32: llama.cpp's Q8_1 grid, up to 1/254 of the group's largest activation off) with
   ``vpmaddubsw``: 1.2-2.4x the speed of the fp32-activation path, and from 4 rows on 1.1-1.7x
   the 16-bit kernel's (``scripts/bench_linear.py --act8-ab``; ``native/linear_s8.h``;
-  ``FASTDEPLOY_ACT8=0`` turns this off). fp32 and bf16 weights (and wint8 beyond those rows, or with
+  ``FASTDEPLOY_ACT8=0`` turns both off). fp32 and bf16 weights (and wint8 beyond those rows, or with
   ``vnni=False``) stream the weights with fp32 activations at few
   rows; from ``bf16_dot_min_rows`` rows on, bf16 and 8-bit weights multiply bf16-rounded
   activations with AVX512-BF16 (``vdpbf16ps``), twice as fast as fp32 once the GEMM is
@@ -126,9 +127,10 @@ def act16_max_rows() -> int:
 
 
 def act8_min_rows() -> int:
-    """The fewest rows for which a wint8 call on 4-bit codes multiplies 8-bit activations (2 in
-    AVX2 builds, where a single row keeps the 16-bit kernel, which streams the weights once), 0
-    when the kernel is not built or ``FASTDEPLOY_ACT8`` is ``0``."""
+    """The fewest rows for which a wint8 call on 4-bit panels multiplies 8-bit activations (2 in
+    AVX2 builds, where a single row takes a 16-bit kernel, which streams the weights once), 0
+    when the kernel is not built or ``FASTDEPLOY_ACT8`` is ``0`` (then no layer is packed as
+    4-bit panels)."""
     if os.environ.get(ACT8_ENV, "1").strip() == "0":
         return 0
     return _act8_kernel_rows()
