@@ -566,6 +566,31 @@ def test_gguf_metadata_reader(tmp_path: Path) -> None:
     assert tok.eos_token_ids == [3] and tok.add_bos_token is False
 
 
+def test_gguf_vocabulary_is_cached_per_file_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second read of a file comes from the cache (no parse); a rewritten file or a corrupt
+    entry is parsed again; an unwritable cache only costs the parse."""
+    from fastdeploy.input import gguf_tokenizer as gt
+
+    monkeypatch.setenv("FASTDEPLOY_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "t.gguf"
+    kwargs = dict(model="gpt2", pre="qwen2", tokens=["a", "b", "ab", "<|im_end|>"], types=[1, 1, 1, 3],
+                  merges=["a b"], eos=3)
+    _write_gguf(path, **kwargs)
+    parses = []
+    real_parse = gt._parse_gguf_vocab
+    monkeypatch.setattr(gt, "_parse_gguf_vocab", lambda p: parses.append(p) or real_parse(p))
+    first = read_gguf_vocab(str(path))
+    assert read_gguf_vocab(str(path)) == first and len(parses) == 1
+    entry = gt._vocab_cache_file(str(path))
+    entry.write_bytes(b"\x93not a vocabulary")
+    assert read_gguf_vocab(str(path)) == first and len(parses) == 2
+    _write_gguf(path, **{**kwargs, "tokens": ["a", "b", "ab", "<|endoftext|>"]})
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version even within mtime's resolution
+    assert read_gguf_vocab(str(path)).tokens[3] == "<|endoftext|>" and len(parses) == 3
+    monkeypatch.setenv("FASTDEPLOY_CACHE", str(path))  # a file, not a directory: no cache
+    assert read_gguf_vocab(str(path)).tokens[3] == "<|endoftext|>" and len(parses) == 4
+
+
 def test_loading_never_imports_paddle(smol_path: str) -> None:
     code = (
         "import sys\n"

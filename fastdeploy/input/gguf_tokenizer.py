@@ -10,10 +10,15 @@ Two vocabulary kinds exist in GGUF files:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
@@ -85,6 +90,58 @@ class GGUFVocab:
 
 
 def read_gguf_vocab(path: str) -> GGUFVocab:
+    """The file's tokenizer metadata, from the vocabulary cache when this version of the file was
+    read before: gguf's reader takes seconds over a chat model's ~100k strings, and every tokenizer
+    and detokenizer process of a server reads them (the engine's own parse is needed for tensors)."""
+    cache = _vocab_cache_file(path)
+    if cache is not None:
+        try:
+            return msgspec.msgpack.decode(cache.read_bytes(), type=GGUFVocab)
+        except (OSError, msgspec.DecodeError):
+            pass  # not cached yet, or unreadable: parse
+    vocab = _parse_gguf_vocab(path)
+    if cache is not None:
+        _store_vocab(cache, vocab)
+    return vocab
+
+
+# Bumped when GGUFVocab or its parsing changes, so older cache entries are never decoded as new.
+_VOCAB_CACHE_VERSION = 1
+_VOCAB_CACHE_KEEP = 16
+
+
+def _vocab_cache_file(path: str) -> Path | None:
+    """cache_dir()/gguf-vocab/<hash of the file's path, size, mtime and the format version>, or None
+    where the cache directory cannot be made."""
+    from fastdeploy.model_store import cache_dir
+
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        root = cache_dir() / "gguf-vocab"
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{_VOCAB_CACHE_VERSION}".encode()
+    return root / f"{hashlib.sha256(key).hexdigest()[:32]}.msgpack"
+
+
+def _store_vocab(cache: Path, vocab: GGUFVocab) -> None:
+    """Writes the entry atomically (processes starting together may race to write it) and keeps
+    the _VOCAB_CACHE_KEEP most recent entries. Best effort: a read-only cache only costs time."""
+    try:
+        data = msgspec.msgpack.encode(vocab)
+        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, cache)
+        entries = sorted(cache.parent.glob("*.msgpack"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[_VOCAB_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except (OSError, TypeError, msgspec.MsgspecError) as exc:
+        logger.debug("GGUF vocabulary cache not written: %s", exc)
+
+
+def _parse_gguf_vocab(path: str) -> GGUFVocab:
     from fastdeploy.gguf_file import open_gguf
 
     reader = open_gguf(path)
