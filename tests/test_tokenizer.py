@@ -587,8 +587,19 @@ def test_gguf_vocabulary_is_cached_per_file_version(tmp_path: Path, monkeypatch:
     _write_gguf(path, **{**kwargs, "tokens": ["a", "b", "ab", "<|endoftext|>"]})
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version even within mtime's resolution
     assert read_gguf_vocab(str(path)).tokens[3] == "<|endoftext|>" and len(parses) == 3
+    # Pruning keeps the most recently used entries: a file read again outlives newer ones.
+    monkeypatch.setattr(gt, "_VOCAB_CACHE_KEEP", 2)
+    others = [tmp_path / f"o{i}.gguf" for i in range(2)]
+    for other in others:
+        _write_gguf(other, **kwargs)
+        os.utime(gt._vocab_cache_file(str(path)), ns=(0, 0))  # as if long unused...
+        read_gguf_vocab(str(path))  # ...until read again
+        read_gguf_vocab(str(other))
+    assert gt._vocab_cache_file(str(path)).exists() and gt._vocab_cache_file(str(others[1])).exists()
+    assert not gt._vocab_cache_file(str(others[0])).exists()
     monkeypatch.setenv("FASTDEPLOY_CACHE", str(path))  # a file, not a directory: no cache
-    assert read_gguf_vocab(str(path)).tokens[3] == "<|endoftext|>" and len(parses) == 4
+    parsed = len(parses)
+    assert read_gguf_vocab(str(path)).tokens[3] == "<|endoftext|>" and len(parses) == parsed + 1
 
 
 def test_loading_never_imports_paddle(smol_path: str) -> None:

@@ -96,7 +96,9 @@ def read_gguf_vocab(path: str) -> GGUFVocab:
     cache = _vocab_cache_file(path)
     if cache is not None:
         try:
-            return msgspec.msgpack.decode(cache.read_bytes(), type=GGUFVocab)
+            vocab = msgspec.msgpack.decode(cache.read_bytes(), type=GGUFVocab)
+            os.utime(cache)  # "last used", for pruning
+            return vocab
         except (OSError, msgspec.DecodeError):
             pass  # not cached yet, or unreadable: parse
     vocab = _parse_gguf_vocab(path)
@@ -128,17 +130,22 @@ def _vocab_cache_file(path: str) -> Path | None:
 
 def _store_vocab(cache: Path, vocab: GGUFVocab) -> None:
     """Writes the entry atomically (processes starting together may race to write it) and keeps
-    the _VOCAB_CACHE_KEEP most recent entries. Best effort: a read-only cache only costs time."""
+    the _VOCAB_CACHE_KEEP most recently used entries. Best effort: a read-only cache costs time only."""
+    tmp_name = None
     try:
         data = msgspec.msgpack.encode(vocab)
         with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as tmp:
+            tmp_name = tmp.name
             tmp.write(data)
-        os.replace(tmp.name, cache)
+        os.replace(tmp_name, cache)
+        tmp_name = None
         entries = sorted(cache.parent.glob("*.msgpack"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[_VOCAB_CACHE_KEEP:]:
             old.unlink(missing_ok=True)
     except (OSError, TypeError, msgspec.MsgspecError) as exc:
         logger.debug("GGUF vocabulary cache not written: %s", exc)
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
 
 
 def _parse_gguf_vocab(path: str) -> GGUFVocab:
