@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_decode_ab.py kv   [--context 4000] [--rounds 2]
     .venv/bin/python scripts/bench_decode_ab.py pool [--rounds 5]
+    .venv/bin/python scripts/bench_decode_ab.py act8 --context 100 [--rounds 5]
 
 `kv`: one sequence of --context random prompt tokens, then 128 greedy tokens, with the KV cache in
 float32 and in float16 (--kv-cache-dtype). The prompt is run once first, so both timed runs hit the
@@ -11,6 +12,9 @@ prefix cache; decode ms/token = (time of 129 tokens - time of 1 token) / 128.
 kernels' own thread pool and with FASTDEPLOY_THREAD_POOL=openmp, each while a helper-like process
 runs beside it: it computes for 0.4 ms every 8 ms, as the tokenizer, detokenizer and api processes
 of a server wake per token. This is the situation the pool was written for (native/thread_pool.h).
+
+`act8`: as `kv` with the default KV cache, FASTDEPLOY_ACT8=0 (wint8 layers as 8-bit panels) against
+=1 (4-bit panels where the weights allow, as in the default GGUF: half the bytes a decode step reads).
 
 Settings alternate within each round, so drift of the machine hits both sides alike.
 """
@@ -81,29 +85,34 @@ def measure(mode: str, setting: str, context: int) -> float:
     argv = [sys.executable, __file__, "--child", mode, "--setting", setting, "--context", str(context)]
     if mode == "pool" and setting == "openmp":
         env["FASTDEPLOY_THREAD_POOL"] = "openmp"
+    if mode == "act8":
+        env["FASTDEPLOY_ACT8"] = setting
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return float(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["kv", "pool"])
+    ap.add_argument("mode", choices=["kv", "pool", "act8"])
     ap.add_argument("--context", type=int, default=4000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--setting", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(kv_child(args.setting, args.context) if args.mode == "kv" else pool_child())
+        if args.mode == "pool":
+            print(pool_child())
+        else:
+            print(kv_child(args.setting if args.mode == "kv" else "auto", args.context))
         return
-    settings = ["float32", "float16"] if args.mode == "kv" else ["openmp", "pool"]
+    settings = {"kv": ["float32", "float16"], "pool": ["openmp", "pool"], "act8": ["0", "1"]}[args.mode]
     results: dict[str, list[float]] = {s: [] for s in settings}
     for _ in range(args.rounds):
         for setting in settings:
             results[setting].append(measure(args.mode, setting, args.context))
             print(f"{setting}: {results[setting][-1]:.1f} ms/token", flush=True)
     a, b = (statistics.median(results[s]) for s in settings)
-    what = f"context {args.context}" if args.mode == "kv" else "helper-like load beside the engine"
+    what = "helper-like load beside the engine" if args.mode == "pool" else f"context {args.context}"
     print(f"\n{what}: median ms/token {settings[0]} {a:.1f}, {settings[1]} {b:.1f}; "
           f"{settings[1]} / {settings[0]} = {b / a:.2f}x")
 
