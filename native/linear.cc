@@ -155,7 +155,7 @@ void Act16Tile(const Problem& p, const Tile& t) {
 #if FD_LINEAR_S8
   if constexpr (MR <= 2) {
     if (p.format == kFormatU4) {
-      TileU4Act16<MR>(xq, p.k, step, qsum, groups, b, t.kc, pf, acc);
+      TileVnniOnePass<MR, U4Group>(xq, p.k, step, qsum, groups, b, t.kc, pf, acc);
       StoreTile<MR>(acc, t.c, p.n, t.bias, t.cols, t.accumulate, t.stream);
       return;
     }

@@ -939,39 +939,59 @@ inline void ApplyGroup(const __m256i (&sums)[MR], __m256 s, __m256 z, const floa
   }
 }
 
+// One group of an 8-bit panel as the one-pass kernel below reads it: k-quads of bytes, each
+// widened to the (k0, k2) and (k1, k3) words QuadMadd takes, then fp32 scales and zeros.
+template <int G>
+struct U8Group {
+  static constexpr int kRows = G;
+  static constexpr int64_t kBytes = int64_t{G} * kPanel + kPanel * 8;  // U8GroupBytes(G)
+  // sums[v][r] += row r's products with column block v over the group (rows xg, stride ldx).
+  template <int MR>
+  static void Madd(const uint8_t* group, const int16_t* xg, int64_t ldx, Prefetcher& pf,
+                   __m256i (&sums)[kVecs][MR]) {
+    const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
+    for (int kq = 0; kq < G; kq += 4) {
+      pf.Step(2);  // a k-quad is 128 bytes
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) {
+        const __m256i quad = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + kq * kPanel + 32 * v));
+        QuadMadd<MR>(xg + kq, ldx, _mm256_and_si256(quad, low_bytes), _mm256_srli_epi16(quad, 8), sums[v]);
+      }
+    }
+  }
+  static __m256 Scale(const uint8_t* group, int v) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(group + int64_t{G} * kPanel) + 8 * v);
+  }
+  static __m256 Zero(const uint8_t* group, int v) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(group + int64_t{G} * kPanel) + kPanel + 8 * v);
+  }
+};
+
 // Tiles of one or two rows: all four blocks in one pass, so the panel streams linearly (it comes
-// from DRAM at decode, where four strided passes would each pull half its lines).
-template <int MR, int G>
-inline void TileU8VnniOnePass(const int16_t* xq, int64_t ldx, const float* x_scale, const float* x_sum,
-                              int64_t xs_ld, const uint8_t* b, int64_t kc, Prefetcher& pf,
-                              __m256 (&acc)[MR][kVecs]) {
-  const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
-  const int64_t group_bytes = U8GroupBytes(G);
+// from DRAM at decode, where four strided passes would each pull half its lines). Group says how
+// a group of the panel is stored (U8Group here, U4Group in linear_s8.h).
+template <int MR, typename Group>
+inline void TileVnniOnePass(const int16_t* xq, int64_t ldx, const float* x_scale, const float* x_sum,
+                            int64_t xs_ld, const uint8_t* b, int64_t kc, Prefetcher& pf,
+                            __m256 (&acc)[MR][kVecs]) {
+  static_assert(MR <= 2, "the one-pass form holds two rows' sums of four blocks");
   float* out = reinterpret_cast<float*>(&acc[0][0]);
   ZeroTile(acc);
   const int16_t* xg = xq;
-  for (const uint8_t* group_start = b; group_start < b + kc / G * group_bytes; group_start += group_bytes, xg += G) {
+  const uint8_t* end = b + kc / Group::kRows * Group::kBytes;
+  for (const uint8_t* group_start = b; group_start < end; group_start += Group::kBytes, xg += Group::kRows) {
     __m256i sums[kVecs][MR];
 #pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) {
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) sums[v][r] = _mm256_setzero_si256();
     }
-    for (int kq = 0; kq < G; kq += 4) {
-      pf.Step(2);  // a k-quad is 128 bytes
-#pragma GCC unroll 4
-      for (int v = 0; v < kVecs; ++v) {
-        const __m256i quad =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_start + kq * kPanel + 32 * v));
-        QuadMadd<MR>(xg + kq, ldx, _mm256_and_si256(quad, low_bytes), _mm256_srli_epi16(quad, 8), sums[v]);
-      }
-    }
-    const float* scale = reinterpret_cast<const float*>(group_start + static_cast<int64_t>(G) * kPanel);
-    const int64_t g = (xg - xq) / G;
+    Group::template Madd<MR>(group_start, xg, ldx, pf, sums);
+    const int64_t g = (xg - xq) / Group::kRows;
 #pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) {
-      ApplyGroup<MR>(sums[v], _mm256_loadu_ps(scale + 8 * v), _mm256_loadu_ps(scale + kPanel + 8 * v), x_scale + g,
-                     x_sum + g, xs_ld, out + 8 * v);
+      ApplyGroup<MR>(sums[v], Group::Scale(group_start, v), Group::Zero(group_start, v), x_scale + g, x_sum + g,
+                     xs_ld, out + 8 * v);
     }
   }
 }
@@ -981,7 +1001,7 @@ inline void TileU8Vnni(const int16_t* xq, int64_t ldx, const float* x_scale, con
                        const uint8_t* b, int64_t kc, Prefetcher& pf, __m256 (&acc)[MR][kVecs]) {
   static_assert(MR <= kMaxVnniRows, "too many rows for the registers");
   if constexpr (MR <= 2) {
-    TileU8VnniOnePass<MR, G>(xq, ldx, x_scale, x_sum, xs_ld, b, kc, pf, acc);
+    TileVnniOnePass<MR, U8Group<G>>(xq, ldx, x_scale, x_sum, xs_ld, b, kc, pf, acc);
     return;
   }
   const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);

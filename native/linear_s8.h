@@ -60,7 +60,7 @@ constexpr int kMaxS8Rows = 8;
 // 0.80-1.10, M = 2 0.90-1.00, M = 4 0.57-0.81, M = 8 0.56-0.84, M = 12 0.61-0.67; against the fp32
 // path 0.4-0.8 from M = 2 to 256 (scripts/bench_linear.py --act8-ab).
 constexpr int64_t kS8MinRows = 2;
-static_assert(kS8MinRows <= 3, "the calls below kS8MinRows rows take TileU4Act16, which holds two rows");
+static_assert(kS8MinRows <= 3, "the calls below kS8MinRows rows take TileVnniOnePass, which holds two rows");
 
 // sum += products (vpaddw) as an opaque instruction. Written as _mm256_add_epi16, GCC
 // reassociates the adds of an unrolled group into trees of products that are all live at once
@@ -115,49 +115,35 @@ inline void TileS8(const int32_t* xq, int64_t m, const float* x_scale, const flo
   }
 }
 
-// One or two rows of a 4-bit panel with 16-bit activations (QuantizeRow16's grid, TileU8Vnni's
-// arithmetic), for the calls below kS8MinRows rows: all four column blocks in one pass, so the
-// panel streams linearly (from DRAM at decode). Each pair of k-quads is widened to the two word
-// operands per quad that QuadMadd takes, four masks and shifts per 32 bytes.
-template <int MR>
-inline void TileU4Act16(const int16_t* xq, int64_t ldx, const float* x_scale, const float* x_sum, int64_t xs_ld,
-                        const uint8_t* b, int64_t kc, Prefetcher& pf, __m256 (&acc)[MR][kVecs]) {
-  static_assert(MR <= 2, "the one-pass form holds two rows' sums of four blocks");
-  constexpr int G = kS8Group;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
-  constexpr int64_t group_bytes = U4GroupBytes();
-  float* out = reinterpret_cast<float*>(&acc[0][0]);
-  ZeroTile(acc);
-  const int16_t* xg = xq;
-  for (const uint8_t* group_start = b; group_start < b + kc / G * group_bytes; group_start += group_bytes, xg += G) {
-    __m256i sums[kVecs][MR];
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) {
-#pragma GCC unroll 2
-      for (int r = 0; r < MR; ++r) sums[v][r] = _mm256_setzero_si256();
-    }
-    for (int kp = 0; kp < G / 8; ++kp) {
+// One group of a 4-bit panel for TileVnniOnePass (linear_kernels.h), which runs the calls below
+// kS8MinRows rows with 16-bit activations (QuantizeRow16's grid, TileU8Vnni's arithmetic): each
+// pair of k-quads is widened to the two word operands per quad that QuadMadd takes, four masks and
+// shifts per 32 bytes; the scales and zeros are halves.
+struct U4Group {
+  static constexpr int kRows = kS8Group;
+  static constexpr int64_t kBytes = U4GroupBytes();
+  template <int MR>
+  static void Madd(const uint8_t* group, const int16_t* xg, int64_t ldx, Prefetcher& pf,
+                   __m256i (&sums)[kVecs][MR]) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
+    for (int kp = 0; kp < kRows / 8; ++kp) {
       pf.Step(3);  // a group is 10 lines: four steps of 3 keep ahead of it
 #pragma GCC unroll 4
       for (int v = 0; v < kVecs; ++v) {
-        const __m256i pair =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_start + kp * 4 * kPanel + 32 * v));
+        const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + kp * 4 * kPanel + 32 * v));
         const __m256i q0 = LowNibbles(pair, nibble);
         const __m256i q1 = HighNibbles(pair, nibble);
         QuadMadd<MR>(xg + 8 * kp, ldx, _mm256_and_si256(q0, low_bytes), _mm256_srli_epi16(q0, 8), sums[v]);
         QuadMadd<MR>(xg + 8 * kp + 4, ldx, _mm256_and_si256(q1, low_bytes), _mm256_srli_epi16(q1, 8), sums[v]);
       }
     }
-    const uint8_t* scale = group_start + G / 2 * kPanel;
-    const int64_t g = (xg - xq) / G;
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) {
-      ApplyGroup<MR>(sums[v], LoadHalves(scale + 16 * v), LoadHalves(scale + 2 * kPanel + 16 * v), x_scale + g,
-                     x_sum + g, xs_ld, out + 8 * v);
-    }
   }
-}
+  static __m256 Scale(const uint8_t* group, int v) { return LoadHalves(group + kRows / 2 * kPanel + 16 * v); }
+  static __m256 Zero(const uint8_t* group, int v) {
+    return LoadHalves(group + kRows / 2 * kPanel + 2 * kPanel + 16 * v);
+  }
+};
 
 // Quantizes row x (k elements, k % 32 == 0) per group of 32 to int8 q, k-quad j of the row going
 // to q_out[j * m] (the [K/4][M] layout of TileS8), with the step s_x and s_x * sum(q) per group.

@@ -72,8 +72,9 @@ def test_4bit_grids_are_found_exactly():
                          ids=lambda s: f"{s[0]}x{s[1]}")
 def test_4bit_panels_match_their_math(shape):
     """Against float64 of the activations each kernel multiplies and the 4-bit weights: int8 ones
-    from 2 rows on, 16-bit ones for a single row (TileU4Act16). 100 columns end in a partial panel,
-    K = 4608 spans two K blocks; 9 and 99 rows end in short row tiles, 200 span three M blocks."""
+    from 2 rows on, 16-bit ones for a single row (TileVnniOnePass). 100 columns end in a partial
+    panel, K = 4608 spans two K blocks; 9 and 99 rows end in short row tiles, 200 span three M
+    blocks."""
     needs_act8()
     k, n = shape
     w, bias = q4_weights(n, k, k + n)
@@ -89,7 +90,7 @@ def test_4bit_panels_match_their_math(shape):
 
 def test_4bit_panels_are_half_the_bytes_and_one_row_matches_8bit_panels_exactly():
     """pack_uint4 holds the codes pack_uint8 holds: one row runs the same integer sums and group
-    epilogue on both (TileU4Act16 and TileU8Vnni's one-pass form), so the outputs are equal bit
+    epilogue on both (TileVnniOnePass with U4Group and with U8Group), so the outputs are equal bit
     for bit, and the size alone tells the op which layout it got."""
     needs_act8()
     k, n = 1536, 200
