@@ -92,8 +92,8 @@ struct Problem {
   const int16_t* x_q16 = nullptr;
   const float* x_step = nullptr;
   const float* x_qsum = nullptr;
-  // 4-bit codes x 8-bit activations (TileS8, AVX2, from kS8MinRows rows): x as int8 k-quads, int32 [k / 4, m],
-  // with x_step and x_qsum as above.
+  // 4-bit codes x 8-bit activations (TileS8, AVX2, from kS8MinRows rows): x as int8 k-quads by pairs,
+  // int32 [k / 8, m, 2], with x_step and x_qsum group-major ([k / group, m] each; linear_s8.h).
   bool s8 = false;
   const int32_t* x_q8 = nullptr;
   // Non-temporal stores for outputs too big to be read back from cache (e.g. the 49152-wide
@@ -181,9 +181,8 @@ template <int MR>
 void S8Tile(const Problem& p, const Tile& t) {
   TileAcc<MR> acc;
   Prefetcher pf = t.prefetch;
-  const int64_t groups = p.k / kS8Group;
-  const int64_t g0 = t.row * groups + t.k0 / kS8Group;
-  TileS8<MR>(p.x_q8 + t.k0 / 4 * p.m + t.row, p.m, p.x_step + g0, p.x_qsum + g0, groups,
+  const int64_t g0 = t.k0 / kS8Group * p.m + t.row;
+  TileS8<MR>(p.x_q8 + t.k0 / 8 * 2 * p.m + 2 * t.row, p.m, p.x_step + g0, p.x_qsum + g0,
              static_cast<const uint8_t*>(t.b), t.kc, pf, acc);
   StoreTile<MR>(acc, t.c, p.n, t.bias, t.cols, t.accumulate, t.stream);
 }
@@ -517,12 +516,13 @@ bool PrepareS8(fd_linear::Problem& p, int num_threads) {
   float* qsum = fd_linear::ScratchArray<float, 2>(p.m * groups);
   int32_t* xq = fd_linear::ScratchArray<int32_t, 0>(p.m * p.k / 4);
   const int threads = p.m * p.k >= (1 << 15) ? std::max(num_threads, 1) : 1;
-  // Threads take blocks of 16 rows: in the [k / 4, m] layout one cache line holds a k-quad of 16
-  // rows, and rows dealt one at a time would have both threads writing the same lines.
+  // Threads take blocks of 16 rows: in the [k / 8, m, 2] layout one cache line holds a k-quad pair
+  // of 8 rows (and in [k / 32, m] a group of 16), so rows dealt one at a time would have both
+  // threads writing the same lines.
   constexpr int64_t kRowsPerLine = 16;
   fd_threads::ParallelFor((p.m + kRowsPerLine - 1) / kRowsPerLine, threads, [&](int64_t block) {
     for (int64_t row = block * kRowsPerLine; row < std::min(p.m, (block + 1) * kRowsPerLine); ++row) {
-      fd_linear::QuantizeRow8(p.x + row * p.k, p.k, p.m, xq + row, step + row * groups, qsum + row * groups);
+      fd_linear::QuantizeRow8(p.x + row * p.k, p.k, p.m, xq + 2 * row, step + row, qsum + row);
     }
   });
   p.x_q8 = xq;

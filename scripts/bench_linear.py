@@ -152,11 +152,11 @@ def act16_ab(rows: list[int], shapes: list[str], min_time: float) -> None:
 
 def q4_1_like(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """[n, k] weights as a Q4_1 GGUF dequantizes: w = d * q + m per block of 32, q in 0..15 with
-    both ends used, d an fp16 step."""
+    both ends used, d and m fp16 (as GGUF stores them, so the layer packs as 4-bit panels)."""
     q = rng.integers(0, 16, size=(n, k // 32, 32)).astype(np.float32)
     q[..., 0], q[..., 1] = 0, 15
     d = (rng.random((n, k // 32, 1)) * 0.01 + 0.001).astype(np.float16).astype(np.float32)
-    m = -(rng.random((n, k // 32, 1)) * 0.08).astype(np.float32)
+    m = -(rng.random((n, k // 32, 1)) * 0.08).astype(np.float16).astype(np.float32)
     return (q * d + m).reshape(n, k)
 
 
