@@ -475,7 +475,7 @@ constexpr int32_t kAct16Rows =
     0;
 #endif
 
-// The fewest rows a call with vnni = 2 multiplies 8-bit activations for (0: not built).
+// The fewest rows a call on u4 panels multiplies 8-bit activations for (0: not built).
 constexpr int32_t kS8Rows =
 #if FD_LINEAR_S8
     static_cast<int32_t>(fd_linear::kS8MinRows);

@@ -10,11 +10,12 @@ namespace fd_linear {
 
 struct LinearArgs {
   int64_t n = 0;               // output features
-  int format = 0;              // 0 fp32, 1 bf16, 2 u8 (affine 8-bit)
-  int group = 0;               // u8: K rows per (scale, zero)
+  int format = 0;              // 0 fp32, 1 bf16, 2 affine grid (u8 panels, or u4 ones in AVX2 builds,
+                               // told apart by the packed size: linear.cc)
+  int group = 0;               // format 2: K rows per (scale, zero)
   int bf16_dot_min_rows = 0;   // vdpbf16ps with bf16 activations from this many rows on (0 = never)
-  int vnni = 0;                // u8: 1 = 16-bit activations, integer sums (where built: linear.cc);
-                               // 2 = codes all <= 15 too: 8-bit activations at many rows (AVX2)
+  int vnni = 0;                // u8 panels: 1 = 16-bit activations, integer sums (where built:
+                               // linear.cc); u4 panels have integer kernels only, whatever it says
   int num_threads = 1;
 };
 

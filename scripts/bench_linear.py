@@ -19,8 +19,10 @@ the kernels serve calls of up to ``act16_max_rows()`` rows; this is the table th
 comes from (rows beyond it run the fp32 path either way).
 
 --act8-ab times, on weights shaped like a GGUF Q4_1 file's (4-bit codes per block of 32, fp16
-step), the three wint8 paths a call can take: 8-bit activations (the 4-bit-code kernel, AVX2
-builds), 16-bit activations and fp32 activations, alternating, best of three each.
+step and offset), the three ways wint8 can hold and multiply them, alternating, best of three
+each: 4-bit panels (AVX2 builds; 8-bit activations from 2 rows on, 16-bit below), 8-bit panels
+as with FASTDEPLOY_ACT8=0 (16-bit activations up to act16_max_rows, fp32 beyond), and 8-bit
+panels with fp32 activations (vnni=False).
 
 --accuracy loads the default GGUF model (Q4_1 layers, Q8_0 embedding, dequantized to fp32) and
 reports, per mode, wint8 group size and activation path (fp32; bf16-rounded for vdpbf16ps;
@@ -31,6 +33,7 @@ first and last layers' weights and the lm_head against fp32, on random activatio
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -160,6 +163,20 @@ def q4_1_like(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return (q * d + m).reshape(n, k)
 
 
+def eight_bit_panels(w: np.ndarray) -> L.LinearWeight:
+    """The same weights as 8-bit panels (16-bit activations up to act16_max_rows): what a layer is
+    with FASTDEPLOY_ACT8=0, which only packing reads."""
+    saved = os.environ.get(L.ACT8_ENV)
+    os.environ[L.ACT8_ENV] = "0"
+    try:
+        return L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0)
+    finally:
+        if saved is None:
+            del os.environ[L.ACT8_ENV]
+        else:
+            os.environ[L.ACT8_ENV] = saved
+
+
 def act8_ab(rows: list[int], shapes: list[str], min_time: float) -> None:
     if L.act8_min_rows() == 0:
         print(f"no 8-bit-activation kernel in this build ({L.native_isa()} kernels) or {L.ACT8_ENV}=0")
@@ -172,9 +189,8 @@ def act8_ab(rows: list[int], shapes: list[str], min_time: float) -> None:
         k, n = SHAPES[name]
         w = q4_1_like(n, k, rng)
         paths = {"act8": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0),
-                 "act16": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0),
+                 "act16": eight_bit_panels(w),
                  "fp32": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0, vnni=False)}
-        paths["act16"]._vnni = 1  # the same 4-bit codes, without the vouching that enables act8
         for m in rows:
             x = paddle.to_tensor(rng.standard_normal((m, k), dtype=np.float32))
             times: dict[str, list[float]] = {key: [] for key in paths}
