@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from fastdeploy import LLM, SamplingParams
 from fastdeploy.model_executor import model_runner
 from fastdeploy.model_executor.layers import linear
 from fastdeploy.model_executor.models import decoder
+from fastdeploy.model_executor.models.fused_forward import FUSED_ENV
 
 # (phase, what) -> seconds, steps or tokens
 Totals = collections.defaultdict[tuple[str, str], float]
@@ -56,28 +58,26 @@ def time_steps(totals: Totals, phase: list[str]) -> None:
 
 
 def time_ops(model: decoder.DecoderModel, totals: Totals, phase: list[str]) -> None:
-    """Turns the fused decoder op off and wraps each op of the op-by-op path with a timer."""
-    model._fused, model._fused_checked = None, True
+    """Wraps each op of the op-by-op path (FASTDEPLOY_FUSED_FORWARD=0) with a timer."""
 
-    def timer(name: Callable[[Any], str], fn: Callable[..., Any]) -> Callable[..., Any]:
+    def timer(fn: Callable[..., Any], name: str | None = None) -> Callable[..., Any]:
+        """Timed fn, booked under name, or for a linear layer (name None) under its kind."""
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            totals[(phase[0], name(args))] += time.perf_counter() - start
+            totals[(phase[0], name or kinds.get(id(args[0]), "other linear"))] += time.perf_counter() - start
             return out
         return timed
 
-    for op in ("rms_norm", "silu_mul"):
-        setattr(decoder, op, timer(lambda _args, op=op: op, getattr(decoder, op)))
-    decoder.attn_ops.paged_attention = timer(lambda _args: "attention", decoder.attn_ops.paged_attention)
-    decoder.rotary_kv.native_rotary_write_kv = timer(lambda _args: "rotary_kv",
-                                                     decoder.rotary_kv.native_rotary_write_kv)
     kinds = {id(model.lm_head): "lm_head"}
     for layer in model.layers:
         kinds.update({id(getattr(layer, kind)): kind for kind in ("qkv", "o", "gate_up", "down")})
-    linear.LinearWeight.__call__ = timer(lambda args: kinds.get(id(args[0]), "other linear"),
-                                         linear.LinearWeight.__call__)
+    decoder.rms_norm = timer(decoder.rms_norm, "rms_norm")
+    decoder.silu_mul = timer(decoder.silu_mul, "silu_mul")
+    decoder.attn_ops.paged_attention = timer(decoder.attn_ops.paged_attention, "attention")
+    decoder.rotary_kv.native_rotary_write_kv = timer(decoder.rotary_kv.native_rotary_write_kv, "rotary_kv")
+    linear.LinearWeight.__call__ = timer(linear.LinearWeight.__call__)
 
 
 def report(totals: Totals, split: bool) -> None:
@@ -105,6 +105,8 @@ def main() -> None:
     totals: Totals = collections.defaultdict(float)
     phase = ["?"]
     time_steps(totals, phase)
+    if args.split:
+        os.environ[FUSED_ENV] = "0"  # read when the model first runs
     llm = LLM(model="smollm2-135m-instruct", max_model_len=2048, max_num_seqs=max(64, args.prompts))
     if args.split:
         time_ops(llm.engine.runner.model, totals, phase)
