@@ -114,3 +114,51 @@ def test_sentencepiece_model_directory_runs_end_to_end(tmp_path):
     assert len(out[0].outputs.token_ids) == 5
     assert out[0].prompt_token_ids[0] == llm.tokenizer.bos_token_id
     assert isinstance(out[0].outputs.text, str)
+
+
+def test_gguf_index_is_cached_per_file_version(tmp_path, monkeypatch):
+    """The engine reads a GGUF through its cached index: the second read of a file parses nothing
+    and yields the reader's tensors and metadata; a corrupt entry or a rewritten file is parsed again."""
+    import os
+    import time
+
+    from gguf import GGUFReader
+
+    from fastdeploy import gguf_file
+    from fastdeploy.model_executor.loader.gguf_loader import load_gguf
+
+    monkeypatch.setenv("FASTDEPLOY_CACHE", str(tmp_path / "cache"))
+    cfg, weights = make_tiny_weights("llama", seed=5)
+    tok = train_bpe_tokenizer(tmp_path / "tokenizer.json", cfg.vocab_size)
+    path = write_gguf(tmp_path / "m.gguf", cfg, weights, tok, qtype="Q8_0")
+    builds = []
+    real_build = gguf_file._build_index
+    monkeypatch.setattr(gguf_file, "_build_index", lambda p: builds.append(p) or real_build(p))
+
+    def fresh_load():
+        gguf_file._index.cache_clear()  # as a new process would
+        gguf_file._parse.cache_clear()
+        return load_gguf(str(path))
+
+    first_cfg, first = fresh_load()
+    second_cfg, second = fresh_load()
+    assert len(builds) == 1 and first_cfg == second_cfg and first.keys() == second.keys()
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    reader = GGUFReader(str(path), "r")
+    index = gguf_file.open_gguf_index(str(path))
+    assert [(t.name, int(t.tensor_type), [int(d) for d in t.shape]) for t in reader.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape)) for t in index.tensors]
+    assert all(np.array_equal(a.data, b.data) and a.data.dtype == b.data.dtype
+               for a, b in zip(reader.tensors, index.tensors))
+    assert index.metadata["llama.block_count"] == cfg.num_hidden_layers
+    assert not any(k.endswith(("tokens", "merges")) for k in index.metadata)
+
+    entry = gguf_file._INDEX_CACHE.entry(str(path))
+    entry.write_bytes(b"\x93not an index")
+    assert np.array_equal(fresh_load()[1]["lm_head.weight"], first["lm_head.weight"]) and len(builds) == 2
+
+    _, other_weights = make_tiny_weights("llama", seed=6)
+    write_gguf(path, cfg, other_weights, tok, qtype="Q8_0")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version even within mtime's resolution
+    _, rewritten = fresh_load()
+    assert len(builds) == 3 and not np.array_equal(rewritten["lm_head.weight"], first["lm_head.weight"])

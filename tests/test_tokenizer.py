@@ -581,22 +581,22 @@ def test_gguf_vocabulary_is_cached_per_file_version(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(gt, "_parse_gguf_vocab", lambda p: parses.append(p) or real_parse(p))
     first = read_gguf_vocab(str(path))
     assert read_gguf_vocab(str(path)) == first and len(parses) == 1
-    entry = gt._vocab_cache_file(str(path))
+    entry = gt._VOCAB_CACHE.entry(str(path))
     entry.write_bytes(b"\x93not a vocabulary")
     assert read_gguf_vocab(str(path)) == first and len(parses) == 2
     _write_gguf(path, **{**kwargs, "tokens": ["a", "b", "ab", "<|endoftext|>"]})
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version even within mtime's resolution
     assert read_gguf_vocab(str(path)).tokens[3] == "<|endoftext|>" and len(parses) == 3
     # Pruning keeps the most recently used entries: a file read again outlives newer ones.
-    monkeypatch.setattr(gt, "_VOCAB_CACHE_KEEP", 2)
+    monkeypatch.setattr(gt._VOCAB_CACHE, "keep", 2)
     others = [tmp_path / f"o{i}.gguf" for i in range(2)]
     for other in others:
         _write_gguf(other, **kwargs)
-        os.utime(gt._vocab_cache_file(str(path)), ns=(0, 0))  # as if long unused...
+        os.utime(gt._VOCAB_CACHE.entry(str(path)), ns=(0, 0))  # as if long unused...
         read_gguf_vocab(str(path))  # ...until read again
         read_gguf_vocab(str(other))
-    assert gt._vocab_cache_file(str(path)).exists() and gt._vocab_cache_file(str(others[1])).exists()
-    assert not gt._vocab_cache_file(str(others[0])).exists()
+    assert gt._VOCAB_CACHE.entry(str(path)).exists() and gt._VOCAB_CACHE.entry(str(others[1])).exists()
+    assert not gt._VOCAB_CACHE.entry(str(others[0])).exists()
     monkeypatch.setenv("FASTDEPLOY_CACHE", str(path))  # a file, not a directory: no cache
     parsed = len(parses)
     assert read_gguf_vocab(str(path)).tokens[3] == "<|endoftext|>" and len(parses) == parsed + 1

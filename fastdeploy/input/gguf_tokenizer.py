@@ -10,18 +10,14 @@ Two vocabulary kinds exist in GGUF files:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import msgspec
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
+from fastdeploy.file_cache import FileCache
 from fastdeploy.input.tokenizer import Tokenizer, TokenizersBackend
 
 logger = logging.getLogger(__name__)
@@ -92,60 +88,12 @@ class GGUFVocab:
 def read_gguf_vocab(path: str) -> GGUFVocab:
     """The file's tokenizer metadata, from the vocabulary cache when this version of the file was
     read before: gguf's reader takes seconds over a chat model's ~100k strings, and every tokenizer
-    and detokenizer process of a server reads them (the engine's own parse is needed for tensors)."""
-    cache = _vocab_cache_file(path)
-    if cache is not None:
-        try:
-            vocab = msgspec.msgpack.decode(cache.read_bytes(), type=GGUFVocab)
-            os.utime(cache)  # "last used", for pruning
-            return vocab
-        except (OSError, msgspec.DecodeError):
-            pass  # not cached yet, or unreadable: parse
-    vocab = _parse_gguf_vocab(path)
-    if cache is not None:
-        _store_vocab(cache, vocab)
-    return vocab
+    and detokenizer process of a server reads them."""
+    return _VOCAB_CACHE.get(path, lambda: _parse_gguf_vocab(path))
 
 
-# Bumped when GGUFVocab or its parsing changes, so older cache entries are never decoded as new.
-_VOCAB_CACHE_VERSION = 1
-_VOCAB_CACHE_KEEP = 16
-
-
-def _vocab_cache_file(path: str) -> Path | None:
-    """cache_dir()/gguf-vocab/<hash of the file's path, size, mtime and the format version>, or None
-    where the cache directory cannot be made."""
-    from fastdeploy.model_store import cache_dir
-
-    try:
-        real = os.path.realpath(path)
-        st = os.stat(real)
-        root = cache_dir() / "gguf-vocab"
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{_VOCAB_CACHE_VERSION}".encode()
-    return root / f"{hashlib.sha256(key).hexdigest()[:32]}.msgpack"
-
-
-def _store_vocab(cache: Path, vocab: GGUFVocab) -> None:
-    """Writes the entry atomically (processes starting together may race to write it) and keeps
-    the _VOCAB_CACHE_KEEP most recently used entries. Best effort: a read-only cache costs time only."""
-    tmp_name = None
-    try:
-        data = msgspec.msgpack.encode(vocab)
-        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            tmp.write(data)
-        os.replace(tmp_name, cache)
-        tmp_name = None
-        entries = sorted(cache.parent.glob("*.msgpack"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in entries[_VOCAB_CACHE_KEEP:]:
-            old.unlink(missing_ok=True)
-    except (OSError, TypeError, msgspec.MsgspecError) as exc:
-        logger.debug("GGUF vocabulary cache not written: %s", exc)
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
+# Version: bumped when GGUFVocab or its parsing changes, so older entries are never decoded as new.
+_VOCAB_CACHE = FileCache("gguf-vocab", version=1, value_type=GGUFVocab)
 
 
 def _parse_gguf_vocab(path: str) -> GGUFVocab:

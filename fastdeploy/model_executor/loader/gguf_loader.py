@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from fastdeploy.gguf_file import open_gguf
+from fastdeploy.gguf_file import GGUFTensor, open_gguf_index
 from fastdeploy.model_executor.model_config import ModelArchConfig
 
 _GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "ernie4_5": "ernie4_5"}
@@ -37,19 +37,6 @@ _GLOBAL_TENSORS = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-
-
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Scalar and string metadata (arrays of tokens/merges are skipped: the tokenizer reads those)."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.split(".")[-1] in ("tokens", "token_type", "merges", "scores"):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # exotic field types are not needed for inference
-            continue
-    return meta
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -103,11 +90,10 @@ WINT8_EXACT_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q
 def matrix_types(path: str) -> set[GGMLQuantizationType]:
     """Storage types of the file's weight matrices (every 2-D tensor: the embedding, the output
     head and the linear layers; norms and biases are 1-D)."""
-    reader = open_gguf(path)
-    return {GGMLQuantizationType(t.tensor_type) for t in reader.tensors if len(t.shape) == 2}
+    return {GGMLQuantizationType(t.tensor_type) for t in open_gguf_index(path).tensors if len(t.shape) == 2}
 
 
-def tensor_to_float32(tensor: Any) -> np.ndarray:
+def tensor_to_float32(tensor: GGUFTensor) -> np.ndarray:
     """Dequantize one GGUF tensor to float32 in [rows, cols] = [out, in] layout."""
     qtype = GGMLQuantizationType(tensor.tensor_type)
     if qtype == GGMLQuantizationType.F32:
@@ -122,10 +108,10 @@ def tensor_to_float32(tensor: Any) -> np.ndarray:
 
 def load_gguf(path: str) -> tuple[ModelArchConfig, dict[str, np.ndarray]]:
     """Read a GGUF model file: architecture config and dequantized canonical float32 weights."""
-    reader = open_gguf(path)
-    cfg = arch_config_from_metadata(read_metadata(reader))
+    index = open_gguf_index(path)
+    cfg = arch_config_from_metadata(index.metadata)
     weights: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
+    for tensor in index.tensors:
         name = tensor.name
         if name in _GLOBAL_TENSORS:
             canonical = _GLOBAL_TENSORS[name]
