@@ -446,11 +446,11 @@ def write_gguf(
     tokenizer_json_path: str | Path,
     qtype: str = "F32",
 ) -> Path:
-    """Write a GGUF file as llama.cpp's converter would (qtype: "F32", "F16" or "Q8_0").
+    """Write a GGUF file as llama.cpp's converter would (qtype: "F32", "F16", "Q8_0" or "Q4_1").
 
     Llama's attn_q/attn_k rows get llama.cpp's permutation; Qwen2 and ERNIE 4.5 tensors are stored as is
-    (llama.cpp runs those with NEOX resp. normal rope on unpermuted weights). 1-D tensors stay F32, and Q8_0
-    falls back to F32 for rows not a multiple of 32, like llama.cpp.
+    (llama.cpp runs those with NEOX resp. normal rope on unpermuted weights). 1-D tensors stay F32, and the
+    block types fall back to F32 for rows not a multiple of 32, like llama.cpp.
     """
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -458,7 +458,7 @@ def write_gguf(
     arch = cfg.architecture
     path = Path(path)
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                 "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+                 "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[qtype]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny-{arch}")
     writer.add_file_type(int(file_type))
@@ -504,7 +504,7 @@ def write_gguf(
         elif qtype == "F16":
             writer.add_tensor(name, arr.astype(np.float16))
         elif arr.shape[-1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(arr, Q.Q8_0), raw_dtype=Q.Q8_0)
+            writer.add_tensor(name, gguf.quants.quantize(arr, Q[qtype]), raw_dtype=Q[qtype])
         else:
             writer.add_tensor(name, arr)
     writer.write_header_to_file()

@@ -3,6 +3,7 @@ and those logits equal an independent numpy implementation of each architecture.
 from __future__ import annotations
 
 import numpy as np
+import paddle
 import pytest
 from model_fixtures import make_tiny_weights, train_bpe_tokenizer, write_gguf, write_safetensors_dir
 
@@ -162,3 +163,32 @@ def test_gguf_index_is_cached_per_file_version(tmp_path, monkeypatch):
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version even within mtime's resolution
     _, rewritten = fresh_load()
     assert len(builds) == 3 and not np.array_equal(rewritten["lm_head.weight"], first["lm_head.weight"])
+
+
+def test_q4_1_matrices_pack_from_their_grids(tmp_path):
+    """wint8 layers take a GGUF's Q4_1 matrices as codes, steps and offsets (Grid4): the grids
+    dequantize to exactly the loader's float32 weights, and pack to the same panels as those."""
+    from fastdeploy.model_executor.layers.grid4 import Grid4
+    from fastdeploy.model_executor.layers.linear import LinearWeight
+    from fastdeploy.model_executor.loader.gguf_loader import load_gguf
+
+    cfg, weights = make_tiny_weights("llama", seed=7)
+    tok = train_bpe_tokenizer(tmp_path / "tokenizer.json", cfg.vocab_size)
+    path = str(write_gguf(tmp_path / "m.gguf", cfg, weights, tok, qtype="Q4_1"))
+    _, grids = load_gguf(path, keep_grids=True)
+    _, floats = load_gguf(path)
+    assert grids.keys() == floats.keys()
+    kept = [name for name, w in grids.items() if isinstance(w, Grid4)]
+    assert "model.layers.0.self_attn.q_proj.weight" in kept and "model.layers.1.mlp.down_proj.weight" in kept
+    for name in grids:
+        got = grids[name].dequantize() if name in kept else grids[name]
+        assert np.array_equal(got, floats[name]), name
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        from_grid = LinearWeight(grids[name], None, "wint8")
+        from_floats = LinearWeight(floats[name], None, "wint8")
+        assert from_grid.four_bit == from_floats.four_bit
+        assert np.array_equal(from_grid._packed.numpy(), from_floats._packed.numpy()), name
+    # The whole model on those layers (the runner keeps grids for wint8) against float64 numpy
+    # on the dequantized weights; the slack is the 8-bit activations'.
+    ref = numpy_reference_logits(cfg, floats, PROMPT)
+    assert np.abs(run_logits(path, PROMPT) - ref).max() / np.abs(ref).max() < 0.05

@@ -72,7 +72,8 @@ class ModelRunner:
         paddle.set_device(os.environ.get("FASTDEPLOY_DEVICE", paddle.device.get_device()))
         quantization = resolve_quantization(model_path, quantization)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
-        cfg, weights = load_model_weights(model_path)
+        # wint8 layers take a GGUF's Q4_1 matrices as their 4-bit codes (layers/grid4.py).
+        cfg, weights = load_model_weights(model_path, keep_grids=quantization == "wint8")
         if max_model_len is not None:
             if max_model_len > cfg.max_position_embeddings:
                 logger.warning("max_model_len %d exceeds the model's context length %d", max_model_len,

@@ -59,6 +59,8 @@ from types import ModuleType
 import numpy as np
 import paddle
 
+from fastdeploy.model_executor.layers.grid4 import GROUP as GRID4_GROUP
+from fastdeploy.model_executor.layers.grid4 import Grid4, as_float32
 from fastdeploy.model_executor.ops import native_build
 from fastdeploy.model_executor.ops.native_build import NativeBuildError, native_num_threads
 
@@ -369,7 +371,8 @@ def pack_uint4(u_out_in: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> n
 class LinearWeight:
     """A prepared weight for ``y = x @ W (+ bias)``. quant: "none" (fp32), "bf16", "wint8".
 
-    ``w_out_in`` is float32 in Hugging Face layout ``[out, in]``. ``backend`` overrides
+    ``w_out_in`` is float32 in Hugging Face layout ``[out, in]``, or a Grid4 (weights on 16-level
+    grids), which wint8 layers with 4-bit panels pack without going through float32. ``backend`` overrides
     :func:`linear_backend_name` for this weight (tests build one of each); ``group_size`` is the
     wint8 group along K; ``vnni`` lets wint8 use the 16-bit-activation kernels (where they are
     built and the group is one of VNNI_GROUPS; with AVX2 only for calls of few rows);
@@ -377,13 +380,13 @@ class LinearWeight:
     activations on the native backend.
     """
 
-    def __init__(self, w_out_in: np.ndarray, bias: np.ndarray | None = None, quant: str = "none", *,
+    def __init__(self, w_out_in: np.ndarray | Grid4, bias: np.ndarray | None = None, quant: str = "none", *,
                  backend: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
                  bf16_dot_min_rows: int = DEFAULT_BF16_DOT_MIN_ROWS, vnni: bool = True) -> None:
         if quant not in QUANT_MODES:
             raise ValueError(f"quant={quant!r}: expected one of {QUANT_MODES}")
-        w = np.asarray(w_out_in, dtype=np.float32)
-        if w.ndim != 2:
+        w = w_out_in if isinstance(w_out_in, Grid4) else np.asarray(w_out_in, dtype=np.float32)
+        if len(w.shape) != 2:
             raise ValueError(f"weight must be 2-D [out, in], got shape {w.shape}")
         self.out_features, self.in_features = int(w.shape[0]), int(w.shape[1])
         self.quant = quant
@@ -411,7 +414,7 @@ class LinearWeight:
             self._init_native(w)
             self._forward = self._native
         else:
-            self._init_reference(w)
+            self._init_reference(as_float32(w))
             self._forward = self.reference
 
     # -- construction ------------------------------------------------------------------------
@@ -424,19 +427,12 @@ class LinearWeight:
             return self.group_size % 4 == 0 and k % self.group_size == 0
         return True
 
-    def _init_native(self, w: np.ndarray) -> None:
-        four_bit = None
-        if self.quant == "none":
-            packed = pack_f32(w)
-        elif self.quant == "bf16":
-            packed = pack_bf16(round_to_bf16_bits(w))
+    def _init_native(self, w: np.ndarray | Grid4) -> None:
+        if self.quant == "wint8":
+            packed = self._pack_wint8(w)
         else:
-            four_bit = quantize_uint4_exact(w, self.group_size) if self._may_use_act8() else None
-            if four_bit is not None:
-                packed = pack_uint4(*four_bit)  # the op knows it by its size
-                self._nibbles = True
-            else:
-                packed = pack_uint8(*quantize_uint8(w, self.group_size))
+            w = as_float32(w)
+            packed = pack_f32(w) if self.quant == "none" else pack_bf16(round_to_bf16_bits(w))
         self._packed = paddle.to_tensor(packed)
         # The op always takes a bias tensor: an optional input costs ~10 us more per call in Paddle.
         self._bias_arg = self._bias if self._bias is not None else paddle.zeros([0], dtype="float32")
@@ -445,6 +441,20 @@ class LinearWeight:
         self._vnni = int(self.vnni_requested and has_vnni and self.quant == "wint8" and self.group_size in VNNI_GROUPS)
         self._threads = _num_threads()
         self._op = native_ops().fd_linear  # looked up once: load_extension takes a lock
+
+    def _pack_wint8(self, w: np.ndarray | Grid4) -> np.ndarray:
+        """4-bit panels where the weights lie on 16-level grids and the 8-bit-activation kernel may
+        run, 8-bit panels otherwise."""
+        four_bit = None
+        if self._may_use_act8():
+            if isinstance(w, Grid4) and self.group_size == GRID4_GROUP:
+                four_bit = tuple(w)
+            else:
+                four_bit = quantize_uint4_exact(as_float32(w), self.group_size)
+        if four_bit is not None:
+            self._nibbles = True
+            return pack_uint4(*four_bit)  # the op knows it by its size
+        return pack_uint8(*quantize_uint8(as_float32(w), self.group_size))
 
     def _may_use_act8(self) -> bool:
         return self.vnni_requested and self.group_size == ACT8_GROUP and act8_min_rows() > 0

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from fastdeploy.gguf_file import GGUFTensor, open_gguf_index
+from fastdeploy.model_executor.layers.grid4 import Grid4, from_q4_1_blocks
 from fastdeploy.model_executor.model_config import ModelArchConfig
 
 _GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "ernie4_5": "ernie4_5"}
@@ -106,11 +107,12 @@ def tensor_to_float32(tensor: GGUFTensor) -> np.ndarray:
     return np.ascontiguousarray(arr.reshape(shape))
 
 
-def load_gguf(path: str) -> tuple[ModelArchConfig, dict[str, np.ndarray]]:
-    """Read a GGUF model file: architecture config and dequantized canonical float32 weights."""
+def load_gguf(path: str, keep_grids: bool = False) -> tuple[ModelArchConfig, dict[str, np.ndarray | Grid4]]:
+    """Read a GGUF model file: architecture config and canonical weights, dequantized to float32,
+    except with keep_grids the Q4_1 matrices, which stay on their grids (Grid4) for wint8 layers."""
     index = open_gguf_index(path)
     cfg = arch_config_from_metadata(index.metadata)
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray | Grid4] = {}
     for tensor in index.tensors:
         name = tensor.name
         if name in _GLOBAL_TENSORS:
@@ -122,11 +124,19 @@ def load_gguf(path: str) -> tuple[ModelArchConfig, dict[str, np.ndarray]]:
             canonical = f"model.layers.{int(idx)}.{_LAYER_TENSORS[suffix]}"
         else:
             continue
-        arr = tensor_to_float32(tensor)
-        if cfg.architecture == "llama" and suffix_of(name) in ("attn_q.weight", "attn_q.bias"):
-            arr = _unpermute_rows(arr, cfg.num_attention_heads)
-        elif cfg.architecture == "llama" and suffix_of(name) in ("attn_k.weight", "attn_k.bias"):
-            arr = _unpermute_rows(arr, cfg.num_key_value_heads)
+        arr: np.ndarray | Grid4
+        if keep_grids and tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(tensor.shape) == 2:
+            arr = from_q4_1_blocks(np.asarray(tensor.data))
+        else:
+            arr = tensor_to_float32(tensor)
+        heads = {"attn_q.weight": cfg.num_attention_heads, "attn_q.bias": cfg.num_attention_heads,
+                 "attn_k.weight": cfg.num_key_value_heads, "attn_k.bias": cfg.num_key_value_heads}
+        if cfg.architecture == "llama" and suffix_of(name) in heads:
+            n_head = heads[suffix_of(name)]
+            if isinstance(arr, Grid4):
+                arr = arr.map_rows(lambda a, n=n_head: _unpermute_rows(a, n))
+            else:
+                arr = _unpermute_rows(arr, n_head)
         weights[canonical] = arr
     if "lm_head.weight" not in weights:
         cfg.tie_word_embeddings = True
@@ -143,7 +153,7 @@ def suffix_of(name: str) -> str:
     return name.split(".", 2)[2] if name.startswith("blk.") else name
 
 
-def _check_complete(cfg: ModelArchConfig, weights: dict[str, np.ndarray], path: str) -> None:
+def _check_complete(cfg: ModelArchConfig, weights: dict[str, np.ndarray | Grid4], path: str) -> None:
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(cfg.num_hidden_layers):
         required += [f"model.layers.{i}.{v}" for k, v in _LAYER_TENSORS.items() if not k.endswith(".bias")]

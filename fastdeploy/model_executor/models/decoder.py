@@ -11,6 +11,7 @@ import paddle
 import paddle.nn.functional as F
 
 from fastdeploy.model_executor.forward_batch import ForwardBatch
+from fastdeploy.model_executor.layers.grid4 import Grid4, as_float32, concat_rows
 from fastdeploy.model_executor.layers.linear import LinearWeight
 from fastdeploy.model_executor.layers.norm import rms_norm, silu_mul
 from fastdeploy.model_executor.layers.rotary import RotaryEmbedding
@@ -23,21 +24,21 @@ from fastdeploy.model_executor.ops import rotary_kv
 class DecoderLayerWeights:
     """Per-layer tensors, fused (q|k|v, gate|up) and packed once at load time."""
 
-    def __init__(self, cfg: ModelArchConfig, w: dict[str, np.ndarray], i: int, quant: str) -> None:
+    def __init__(self, cfg: ModelArchConfig, w: dict[str, np.ndarray | Grid4], i: int, quant: str) -> None:
         p = f"model.layers.{i}."
 
-        def take(name: str) -> np.ndarray:
+        def take(name: str) -> np.ndarray | Grid4:
             return w.pop(p + name)
 
-        qkv = np.concatenate([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
-                              take("self_attn.v_proj.weight")])
+        qkv = concat_rows([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
+                           take("self_attn.v_proj.weight")])
         bias = None
         if cfg.attention_bias:
             bias = np.concatenate([take("self_attn.q_proj.bias"), take("self_attn.k_proj.bias"),
                                    take("self_attn.v_proj.bias")])
         self.qkv = LinearWeight(qkv, bias, quant)
         self.o = LinearWeight(take("self_attn.o_proj.weight"), None, quant)
-        self.gate_up = LinearWeight(np.concatenate([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]),
+        self.gate_up = LinearWeight(concat_rows([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]),
                                     None, quant)
         self.down = LinearWeight(take("mlp.down_proj.weight"), None, quant)
         self.input_norm = paddle.to_tensor(take("input_layernorm.weight"))
@@ -51,13 +52,13 @@ class DecoderModel:
     table stays fp32. The weights dict is consumed (popped) to keep peak memory low.
     """
 
-    def __init__(self, cfg: ModelArchConfig, weights: dict[str, np.ndarray], quant: str = "none") -> None:
+    def __init__(self, cfg: ModelArchConfig, weights: dict[str, np.ndarray | Grid4], quant: str = "none") -> None:
         self.cfg = cfg
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         embed = weights.pop("model.embed_tokens.weight")
-        self.embed = paddle.to_tensor(embed)
+        self.embed = paddle.to_tensor(as_float32(embed))
         head = embed if cfg.tie_word_embeddings else weights.pop("lm_head.weight")
         self.lm_head = LinearWeight(head, None, quant)
         self.final_norm = paddle.to_tensor(weights.pop("model.norm.weight"))
