@@ -41,8 +41,9 @@ class CacheConfig:
     cpu_kv_cache_max_gib: float = 4.0
     """On the CPU, never take more than this for KV, whatever is free (other processes need RAM too)."""
     kv_cache_dtype: str = "auto"
-    """Element type of the KV cache: "float32", "float16", or "auto" (float16 where the native CPU
-    attention kernels run, float32 otherwise; ModelRunner's resolve_kv_cache_dtype)."""
+    """Element type of the KV cache: "float32", "float16", "int8" (8-bit codes and a step per token
+    and head), or "auto" (float16 where the native CPU attention kernels run, float32 otherwise;
+    ModelRunner's resolve_kv_cache_dtype)."""
 
 
 @dataclass
@@ -83,8 +84,8 @@ class EngineConfig:
         if self.model_config.quantization not in (None, "none", "bf16", "wint8"):
             raise ValueError(f"--quantization {self.model_config.quantization!r}: choose none, bf16 or wint8")
         cc = self.cache_config
-        if cc.kv_cache_dtype not in ("auto", "float32", "float16"):
-            raise ValueError(f"--kv-cache-dtype {cc.kv_cache_dtype!r}: choose auto, float32 or float16")
+        if cc.kv_cache_dtype not in ("auto", "float32", "float16", "int8"):
+            raise ValueError(f"--kv-cache-dtype {cc.kv_cache_dtype!r}: choose auto, float32, float16 or int8")
         if cc.block_size < 1 or cc.block_size & (cc.block_size - 1):
             raise ValueError("--block-size must be a power of two")
         if not 0.0 < cc.gpu_memory_utilization <= 1.0:

@@ -8,13 +8,15 @@
 #include <cstdlib>
 #include <memory>
 
+#include "kv_types.h"
+
 namespace fd_paged_attention {
 
 struct Problem {
   const float* query;         // [num_tokens, num_heads, head_dim]
-  const void* key_cache;      // [num_blocks, num_kv_heads, block_size, head_dim], float or fd_kv::Half
+  const void* key_cache;      // [num_blocks, num_kv_heads, block_size, row_elems] of cache_type
   const void* value_cache;    // same layout and type as key_cache
-  bool half_cache;            // the caches hold float16 (fd_kv::Half) rather than float
+  fd_kv::CacheType cache_type;  // float, fd_kv::Half or int8_t rows (kv_types.h)
   const int32_t* block_tables;  // [num_seqs, max_blocks_per_seq]
   const int32_t* context_lens;  // [num_seqs]
   const int32_t* query_start_loc;  // [num_seqs + 1]
@@ -24,6 +26,7 @@ struct Problem {
   int64_t num_heads;
   int64_t num_kv_heads;
   int64_t head_dim;
+  int64_t row_elems;          // elements per cache row: fd_kv::RowElems(cache_type, head_dim)
   int64_t block_size;
   int64_t num_blocks;
   int64_t max_blocks_per_seq;
@@ -31,7 +34,7 @@ struct Problem {
 
   int64_t group() const { return num_heads / num_kv_heads; }
 
-  // The caches as arrays of T, the type half_cache names.
+  // The caches as arrays of T, the type cache_type names.
   template <typename T>
   const T* Keys() const {
     return static_cast<const T*>(key_cache);
@@ -41,11 +44,11 @@ struct Problem {
     return static_cast<const T*>(value_cache);
   }
 
-  // Offset of (seq, kv_head, position) in a cache, in elements. Callers only pass positions below
+  // Offset of (seq, kv_head, position)'s row in a cache, in elements. Callers only pass positions below
   // context_lens[seq], whose block ids were range-checked before any thread started.
   int64_t CacheOffset(int64_t seq, int64_t kv_head, int64_t pos) const {
     const int64_t block = block_tables[seq * max_blocks_per_seq + pos / block_size];
-    return ((block * num_kv_heads + kv_head) * block_size + pos % block_size) * head_dim;
+    return ((block * num_kv_heads + kv_head) * block_size + pos % block_size) * row_elems;
   }
 };
 

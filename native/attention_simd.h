@@ -54,6 +54,10 @@ struct Simd {
   static V LoadU(const float* p) { return _mm512_loadu_ps(p); }
   // kLanes float16 values (their bits), widened to fp32.
   static V LoadU(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  // kLanes int8 codes, widened to fp32 (unscaled).
+  static V LoadU(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static void Store(float* p, V v) { _mm512_store_ps(p, v); }
   static void StoreU(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -107,6 +111,9 @@ struct Simd {
   static V Load(const float* p) { return _mm256_load_ps(p); }
   static V LoadU(const float* p) { return _mm256_loadu_ps(p); }
   static V LoadU(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static V LoadU(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static void Store(float* p, V v) { _mm256_store_ps(p, v); }
   static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }

@@ -14,9 +14,10 @@
 // up to three rows (decode) take the narrow kernel instead, with lanes along head_dim (see
 // AttendNarrowTile).
 //
-// The caches hold float32 or float16 (kv_types.h); all arithmetic is fp32. The narrow kernel widens
-// float16 chunks in registers as it loads them (vcvtph2ps); the wide kernel, which broadcasts single
-// key elements, widens each step's 16 rows once into a staging buffer (NextRowsF32).
+// The caches hold float32, float16 or int8 rows (kv_types.h); all arithmetic is fp32. The narrow
+// kernel widens float16 and int8 chunks in registers as it loads them and applies an int8 row's step
+// to its dot product and to its probability; the wide kernel, which broadcasts single key elements,
+// widens (and scales) each step's 16 rows once into a staging buffer (NextRowsF32).
 
 #include <algorithm>
 #include <cmath>
@@ -73,7 +74,7 @@ class KeyCursor {
         in_block_ = 0;
         row0_ = (static_cast<int64_t>(table_[block_index_]) * p_.num_kv_heads + kv_head_) * p_.block_size;
       }
-      offsets[n++] = (row0_ + in_block_) * p_.head_dim;
+      offsets[n++] = (row0_ + in_block_) * p_.row_elems;
       ++in_block_;
       ++pos_;
     }
@@ -198,7 +199,7 @@ void PrefetchRows(const Problem& p, const int64_t* offsets, int count) {
   for (int j = 0; j < count; ++j) {
     const char* k_next = reinterpret_cast<const char*>(p.Keys<T>() + offsets[j]);
     const char* v_next = reinterpret_cast<const char*>(p.Values<T>() + offsets[j]);
-    for (int64_t byte = 0; byte < p.head_dim * static_cast<int64_t>(sizeof(T)); byte += 64) {
+    for (int64_t byte = 0; byte < p.row_elems * static_cast<int64_t>(sizeof(T)); byte += 64) {
       _mm_prefetch(k_next + byte, _MM_HINT_T0);
       _mm_prefetch(v_next + byte, _MM_HINT_T0);
     }
@@ -239,8 +240,9 @@ class KeyRows {
 };
 
 // The next step's rows as fp32 for the wide kernel, which broadcasts single key elements: float16
-// rows are widened once into `stage` ([2][kKeyTile][head_dim]) rather than element by element in
-// the inner loop. Padding entries point at the last widened row, as KeyRows's do.
+// and int8 rows are widened (int8 ones times their step) once into `stage` ([2][kKeyTile][head_dim])
+// rather than element by element in the inner loop. Padding entries point at the last widened row,
+// as KeyRows's do.
 template <typename T>
 int NextRowsF32(KeyRows<T>& rows, int64_t head_dim, float* stage, const float** keys, const float** values) {
   if constexpr (std::is_same_v<T, float>) {
@@ -253,9 +255,11 @@ int NextRowsF32(KeyRows<T>& rows, int64_t head_dim, float* stage, const float** 
       float* k_dst = stage + std::min(j, nk - 1) * head_dim;
       float* v_dst = k_dst + kKeyTile * head_dim;
       if (j < nk) {
+        const Vec k_step = Simd::Set1(fd_kv::RowStep(k_src[j], head_dim));
+        const Vec v_step = Simd::Set1(fd_kv::RowStep(v_src[j], head_dim));
         for (int64_t c = 0; c < head_dim; c += kLanes) {
-          Simd::Store(k_dst + c, Simd::LoadU(k_src[j] + c));
-          Simd::Store(v_dst + c, Simd::LoadU(v_src[j] + c));
+          Simd::Store(k_dst + c, Simd::Mul(Simd::LoadU(k_src[j] + c), k_step));
+          Simd::Store(v_dst + c, Simd::Mul(Simd::LoadU(v_src[j] + c), v_step));
         }
       }
       keys[j] = k_dst;
@@ -266,7 +270,7 @@ int NextRowsF32(KeyRows<T>& rows, int64_t head_dim, float* stage, const float** 
 }
 
 // Online softmax over the tile's keys, 16 at a time: running max, running sum and an accumulator
-// rescaled whenever the max grows. stage: 2 x kKeyTile x head_dim floats (float16 caches only).
+// rescaled whenever the max grows. stage: 2 x kKeyTile x head_dim floats (float16 and int8 caches).
 template <typename T>
 void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o, float* stage) {
   const int64_t d_len = p.head_dim;
@@ -329,8 +333,8 @@ void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o, float* 
 
 constexpr int kMaxNarrowRows = 3;
 
-// scores[h][j0 + j] = q[h] . keys[j] for j = 0..3 (q pre-scaled). Keys of type T (float, or
-// float16 widened as they are loaded).
+// scores[h][j0 + j] = q[h] . keys[j] for j = 0..3 (q pre-scaled). Keys of type T (float, or float16
+// or int8 widened as they are loaded; an int8 key's step multiplies its dot products).
 template <int R, typename T>
 inline void ScoreFourKeysNarrow(const float* const* q, const T* const* keys, int64_t head_dim,
                                 float (*scores)[kKeyTile], int j0) {
@@ -344,7 +348,14 @@ inline void ScoreFourKeysNarrow(const float* const* q, const T* const* keys, int
       for (int h = 0; h < R; ++h) acc[h][j] = Simd::Fmadd(Simd::Load(q[h] + c), k, acc[h][j]);
     }
   }
-  for (int h = 0; h < R; ++h) _mm_storeu_ps(&scores[h][j0], Simd::Sum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]));
+  __m128 steps = _mm_set1_ps(1.f);
+  if constexpr (std::is_same_v<T, int8_t>) {
+    steps = _mm_setr_ps(fd_kv::RowStep(keys[0], head_dim), fd_kv::RowStep(keys[1], head_dim),
+                        fd_kv::RowStep(keys[2], head_dim), fd_kv::RowStep(keys[3], head_dim));
+  }
+  for (int h = 0; h < R; ++h) {
+    _mm_storeu_ps(&scores[h][j0], _mm_mul_ps(Simd::Sum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), steps));
+  }
 }
 
 // Online-softmax step of each row over nk scores (entries from nk on are ignored): probs, the
@@ -384,8 +395,9 @@ inline void UpdateNarrow(float* __restrict o, int64_t head_dim, int64_t c0, cons
   for (int j = 0; j < nk; ++j) {
     Vec v[CHUNKS];
     for (int b = 0; b < CHUNKS; ++b) v[b] = Simd::LoadU(values[j] + c0 + b * kLanes);
+    const float step = fd_kv::RowStep(values[j], head_dim);  // 1 but for int8 rows
     for (int h = 0; h < R; ++h) {
-      const Vec w = Simd::Set1(probs[h][j]);
+      const Vec w = Simd::Set1(probs[h][j] * step);
       for (int b = 0; b < CHUNKS; ++b) acc[h][b] = Simd::Fmadd(w, v[b], acc[h][b]);
     }
   }
@@ -508,12 +520,11 @@ void RunTiled(const Problem& p, int num_threads) {
   fd_threads::ParallelFor(num_tiles, parallel ? num_threads : 1, [&](int64_t i) {
     static thread_local ThreadFloats qt, o, stage;
     const size_t floats = static_cast<size_t>(p.head_dim) * kLanes;
-    if (p.half_cache) {
-      AttendAnyTile<fd_kv::Half>(p, tiles[i], qt.Get(floats), o.Get(floats),
-                                 stage.Get(2 * kKeyTile * static_cast<size_t>(p.head_dim)));
-    } else {
-      AttendAnyTile<float>(p, tiles[i], qt.Get(floats), o.Get(floats), nullptr);
-    }
+    fd_kv::Visit(p.cache_type, [&](auto element) {
+      using T = decltype(element);
+      float* staging = std::is_same_v<T, float> ? nullptr : stage.Get(2 * kKeyTile * static_cast<size_t>(p.head_dim));
+      AttendAnyTile<T>(p, tiles[i], qt.Get(floats), o.Get(floats), staging);
+    });
   });
 }
 

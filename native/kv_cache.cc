@@ -1,7 +1,7 @@
 // Scatter of this step's keys/values into the paged KV cache.
 //
 // Cache layout (one pair per layer): [num_blocks, num_kv_heads, block_size, head_dim], float32 or
-// float16 (kv_types.h); key/value arrive in float32.
+// float16, or int8 rows of head_dim + 4 (kv_types.h); key/value arrive in float32.
 // Token t goes to slot_mapping[t] = block_id * block_size + offset; a negative slot is padding
 // and is skipped. The caches are registered as in-place inputs (SetInplaceMap), so the kernel
 // writes through the data pointer of the very tensors the caller owns; no output is allocated.
@@ -16,9 +16,9 @@ namespace {
 
 void CheckCache(const paddle::Tensor& cache, const char* name) {
   PD_CHECK(cache.is_cpu(), name, " must be a CPU tensor");
-  PD_CHECK(cache.dtype() == paddle::DataType::FLOAT32 || cache.dtype() == paddle::DataType::FLOAT16, name,
-           " must be float32 or float16");
-  PD_CHECK(cache.shape().size() == 4, name, " must be [num_blocks, num_kv_heads, block_size, head_dim]");
+  fd_kv::CacheType type;
+  PD_CHECK(fd_kv::CacheTypeOf(cache.dtype(), &type), name, " must be float32, float16 or int8");
+  PD_CHECK(cache.shape().size() == 4, name, " must be [num_blocks, num_kv_heads, block_size, row]");
   // Paddle passes a contiguous copy of a strided input, so this cannot catch a view: the Python
   // wrapper checks is_contiguous() on the original tensor before the call.
   PD_CHECK(cache.is_contiguous(), name, " must be contiguous for an in-place write");
@@ -28,7 +28,7 @@ struct Rows {
   const float* k;
   const float* v;
   const int64_t* slots;
-  int64_t num_tokens, num_kv_heads, block_size, head_dim;
+  int64_t num_tokens, num_kv_heads, block_size, head_dim, row_elems;
 };
 
 // Single-threaded on purpose: even a 512-token prefill moves under 1 MB per layer, less than the
@@ -41,7 +41,7 @@ void Scatter(const Rows& r, T* kc, T* vc) {
     const int64_t block = slot / r.block_size;
     const int64_t offset = slot % r.block_size;
     for (int64_t h = 0; h < r.num_kv_heads; ++h) {
-      const int64_t dst = ((block * r.num_kv_heads + h) * r.block_size + offset) * r.head_dim;
+      const int64_t dst = ((block * r.num_kv_heads + h) * r.block_size + offset) * r.row_elems;
       const int64_t src = (t * r.num_kv_heads + h) * r.head_dim;
       fd_kv::StoreRow(r.k + src, r.head_dim, kc + dst);
       fd_kv::StoreRow(r.v + src, r.head_dim, vc + dst);
@@ -65,7 +65,11 @@ void WriteKVCacheKernel(const paddle::Tensor& key, const paddle::Tensor& value,
   const int64_t num_blocks = cshape[0];
   const int64_t num_kv_heads = cshape[1];
   const int64_t block_size = cshape[2];
-  const int64_t head_dim = cshape[3];
+  fd_kv::CacheType cache_type;
+  fd_kv::CacheTypeOf(key_cache.dtype(), &cache_type);  // checked above
+  const int64_t row_elems = cshape[3];
+  const int64_t head_dim = cache_type == fd_kv::CacheType::kInt8 ? row_elems - fd_kv::kInt8RowExtra : row_elems;
+  PD_CHECK(head_dim > 0, "int8 cache rows must hold head_dim + ", fd_kv::kInt8RowExtra, " bytes");
 
   PD_CHECK(key.shape().size() == 3 && key.shape() == value.shape(),
            "key/value must both be [num_tokens, num_kv_heads, head_dim]");
@@ -84,13 +88,11 @@ void WriteKVCacheKernel(const paddle::Tensor& key, const paddle::Tensor& value,
   for (int64_t t = 0; t < num_tokens; ++t) {
     PD_CHECK(slots[t] < num_slots, "slot ", slots[t], " is outside the cache (", num_slots, " slots)");
   }
-  const Rows rows{k, v, slots, num_tokens, num_kv_heads, block_size, head_dim};
-  if (key_cache.dtype() == paddle::DataType::FLOAT16) {
-    Scatter(rows, reinterpret_cast<fd_kv::Half*>(key_cache.data<paddle::float16>()),
-            reinterpret_cast<fd_kv::Half*>(value_cache.data<paddle::float16>()));
-  } else {
-    Scatter(rows, key_cache.data<float>(), value_cache.data<float>());
-  }
+  const Rows rows{k, v, slots, num_tokens, num_kv_heads, block_size, head_dim, row_elems};
+  fd_kv::Visit(cache_type, [&](auto element) {
+    using T = decltype(element);
+    Scatter(rows, static_cast<T*>(key_cache.data()), static_cast<T*>(value_cache.data()));
+  });
 }
 
 }  // namespace

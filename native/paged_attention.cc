@@ -7,7 +7,7 @@
 // The vector kernels (AVX-512 or AVX2 + FMA, tiles of a GQA group's rows) are in
 // attention_tiled.cc; this file has the op, its metadata checks and the portable scalar kernel
 // (neither ISA, or a head_dim the vector kernels do not take), which computes one (token, head) row
-// at a time with a two-pass softmax. The caches are float32 or float16 (kv_types.h).
+// at a time with a two-pass softmax. The caches are float32, float16 or int8 rows (kv_types.h).
 
 #include <algorithm>
 #include <cmath>
@@ -43,7 +43,7 @@ void AttendRowScalar(const Problem& p, int64_t seq, int64_t token, int64_t head,
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
     for (int64_t d = 0; d < d_len; ++d) dot += q[d] * fd_kv::ToFloat(k[d]);
-    scores[pos] = dot * p.scale;
+    scores[pos] = dot * fd_kv::RowStep(k, d_len) * p.scale;
     max_score = std::max(max_score, scores[pos]);
   }
   float sum = 0.f;
@@ -54,7 +54,7 @@ void AttendRowScalar(const Problem& p, int64_t seq, int64_t token, int64_t head,
   for (int64_t d = 0; d < d_len; ++d) o[d] = 0.f;
   for (int64_t pos = 0; pos <= qpos; ++pos) {
     const T* __restrict v = p.Values<T>() + p.CacheOffset(seq, kv_head, pos);
-    const float w = scores[pos];
+    const float w = scores[pos] * fd_kv::RowStep(v, d_len);
 #pragma omp simd
     for (int64_t d = 0; d < d_len; ++d) o[d] += w * fd_kv::ToFloat(v[d]);
   }
@@ -76,11 +76,9 @@ void RunScalar(const Problem& p, int64_t max_context, int num_threads) {
     const int64_t q_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
     const int64_t qpos = p.context_lens[seq] - q_len + (token - p.query_start_loc[seq]);
     float* row_scores = scores.Get(static_cast<size_t>(std::max<int64_t>(max_context, 1)));
-    if (p.half_cache) {
-      AttendRowScalar<fd_kv::Half>(p, seq, token, head, qpos, row_scores);
-    } else {
-      AttendRowScalar<float>(p, seq, token, head, qpos, row_scores);
-    }
+    fd_kv::Visit(p.cache_type, [&](auto element) {
+      AttendRowScalar<decltype(element)>(p, seq, token, head, qpos, row_scores);
+    });
   });
 }
 
@@ -124,15 +122,15 @@ std::vector<paddle::Tensor> PagedAttentionKernel(const paddle::Tensor& query, co
     PD_CHECK(t->is_cpu(), "paged_attention (native) takes CPU tensors only");
   }
   PD_CHECK(query.dtype() == paddle::DataType::FLOAT32, "query must be float32");
-  PD_CHECK(key_cache.dtype() == value_cache.dtype() && (key_cache.dtype() == paddle::DataType::FLOAT32 ||
-                                                        key_cache.dtype() == paddle::DataType::FLOAT16),
-           "the caches must both be float32 or both float16");
+  fd_kv::CacheType cache_type;
+  PD_CHECK(key_cache.dtype() == value_cache.dtype() && fd_kv::CacheTypeOf(key_cache.dtype(), &cache_type),
+           "the caches must both be float32, both float16 or both int8");
   PD_CHECK(block_tables.dtype() == paddle::DataType::INT32 && context_lens.dtype() == paddle::DataType::INT32 &&
                query_start_loc.dtype() == paddle::DataType::INT32,
            "block_tables, context_lens and query_start_loc must be int32");
   PD_CHECK(query.shape().size() == 3, "query must be [num_tokens, num_heads, head_dim]");
   PD_CHECK(key_cache.shape().size() == 4 && key_cache.shape() == value_cache.shape(),
-           "caches must both be [num_blocks, num_kv_heads, block_size, head_dim]");
+           "caches must both be [num_blocks, num_kv_heads, block_size, head_dim (+ 4 for int8 rows)]");
   PD_CHECK(block_tables.shape().size() == 2, "block_tables must be [num_seqs, max_blocks_per_seq]");
 
   const paddle::Tensor q_c = Contiguous(query);
@@ -152,7 +150,10 @@ std::vector<paddle::Tensor> PagedAttentionKernel(const paddle::Tensor& query, co
   p.num_seqs = block_tables.shape()[0];
   p.max_blocks_per_seq = block_tables.shape()[1];
   p.scale = scale;
-  PD_CHECK(key_cache.shape()[3] == p.head_dim, "cache head_dim differs from query head_dim");
+  p.cache_type = cache_type;
+  p.row_elems = fd_kv::RowElems(cache_type, p.head_dim);
+  PD_CHECK(key_cache.shape()[3] == p.row_elems, "cache rows hold ", key_cache.shape()[3], " elements, not the ",
+           p.row_elems, " of head_dim ", p.head_dim, " in this cache type");
   PD_CHECK(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0, "num_heads (", p.num_heads,
            ") must be a multiple of num_kv_heads (", p.num_kv_heads, ")");
   PD_CHECK(context_lens.numel() == p.num_seqs, "context_lens must have num_seqs entries");
@@ -163,14 +164,8 @@ std::vector<paddle::Tensor> PagedAttentionKernel(const paddle::Tensor& query, co
   if (p.num_tokens == 0) return {out};
 
   p.query = q_c.data<float>();
-  p.half_cache = key_cache.dtype() == paddle::DataType::FLOAT16;
-  if (p.half_cache) {
-    p.key_cache = kc_c.data<paddle::float16>();
-    p.value_cache = vc_c.data<paddle::float16>();
-  } else {
-    p.key_cache = kc_c.data<float>();
-    p.value_cache = vc_c.data<float>();
-  }
+  p.key_cache = kc_c.data();
+  p.value_cache = vc_c.data();
   p.block_tables = bt_c.data<int32_t>();
   p.context_lens = cl_c.data<int32_t>();
   p.query_start_loc = qsl_c.data<int32_t>();

@@ -37,6 +37,8 @@ paddle::Tensor Contiguous(const paddle::Tensor& t) { return t.is_contiguous() ? 
 
 struct Dims {
   int64_t tokens, heads, kv_heads, head_dim, max_pos, block_size, num_slots;
+  int64_t row_elems;  // elements per cache row (kv_types.h)
+  fd_kv::CacheType cache_type;
 };
 
 // Separate products and a separate add/sub, as the reference computes them: contraction into an
@@ -83,7 +85,7 @@ struct Pointers {
   const float* sin;
   const int64_t* slots;
   float* q;
-  void* key_cache;    // float or fd_kv::Half, as the caches' dtype
+  void* key_cache;    // float, fd_kv::Half or int8_t rows, as the caches' dtype
   void* value_cache;
 };
 
@@ -109,7 +111,7 @@ void ProcessToken(const Pointers& p, const Dims& d, bool interleaved, int64_t t)
   T* key_cache = static_cast<T*>(p.key_cache);
   T* value_cache = static_cast<T*>(p.value_cache);
   for (int64_t h = 0; h < d.kv_heads; ++h) {
-    const int64_t dst = ((block * d.kv_heads + h) * d.block_size + offset) * d.head_dim;
+    const int64_t dst = ((block * d.kv_heads + h) * d.block_size + offset) * d.row_elems;
     if constexpr (std::is_same_v<T, float>) {
       rotate(k + h * d.head_dim, cos, sin, half, key_cache + dst);
     } else {
@@ -131,13 +133,13 @@ void CheckInputs(const paddle::Tensor& qkv, const paddle::Tensor& positions, con
   for (const paddle::Tensor* t : {&qkv, &cos, &sin}) {
     PD_CHECK(t->dtype() == paddle::DataType::FLOAT32, "qkv, cos and sin must be float32");
   }
-  PD_CHECK(key_cache.dtype() == value_cache.dtype() && (key_cache.dtype() == paddle::DataType::FLOAT32 ||
-                                                        key_cache.dtype() == paddle::DataType::FLOAT16),
-           "the caches must both be float32 or both float16");
+  fd_kv::CacheType type;
+  PD_CHECK(key_cache.dtype() == value_cache.dtype() && fd_kv::CacheTypeOf(key_cache.dtype(), &type),
+           "the caches must both be float32, both float16 or both int8");
   PD_CHECK(positions.dtype() == paddle::DataType::INT64 && slot_mapping.dtype() == paddle::DataType::INT64,
            "positions and slot_mapping must be int64");
   PD_CHECK(key_cache.shape().size() == 4 && key_cache.shape() == value_cache.shape(),
-           "key_cache and value_cache must both be [num_blocks, num_kv_heads, block_size, head_dim]");
+           "key_cache and value_cache must both be [num_blocks, num_kv_heads, block_size, row]");
   // Paddle passes a contiguous copy of a strided input, so this cannot catch a view: the Python
   // wrapper checks is_contiguous() on the original tensors before the call.
   PD_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "the caches must be contiguous");
@@ -148,8 +150,12 @@ Dims CheckShapes(const paddle::Tensor& qkv, const paddle::Tensor& positions, con
                  const paddle::Tensor& key_cache, const paddle::Tensor& slot_mapping, int num_heads,
                  int num_kv_heads) {
   const auto& cs = key_cache.shape();
-  Dims d{qkv.shape().empty() ? 0 : qkv.shape()[0], num_heads, num_kv_heads, cs[3], cos.shape()[0], cs[2],
-         cs[0] * cs[2]};
+  fd_kv::CacheType type;
+  fd_kv::CacheTypeOf(key_cache.dtype(), &type);  // checked in CheckInputs
+  const int64_t head_dim = type == fd_kv::CacheType::kInt8 ? cs[3] - fd_kv::kInt8RowExtra : cs[3];
+  Dims d{qkv.shape().empty() ? 0 : qkv.shape()[0], num_heads, num_kv_heads, head_dim, cos.shape()[0], cs[2],
+         cs[0] * cs[2], cs[3], type};
+  PD_CHECK(head_dim > 0, "int8 cache rows must hold head_dim + ", fd_kv::kInt8RowExtra, " bytes");
   PD_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
            "num_heads must be a positive multiple of num_kv_heads");
   PD_CHECK(cs[1] == num_kv_heads, "the caches hold ", cs[1], " kv heads, not ", num_kv_heads);
@@ -185,32 +191,27 @@ std::vector<paddle::Tensor> RotaryKVKernel(const paddle::Tensor& qkv, const padd
   const paddle::Tensor cos_c = Contiguous(cos);
   const paddle::Tensor sin_c = Contiguous(sin);
   const paddle::Tensor slots_c = Contiguous(slot_mapping);
-  const bool half = key_cache.dtype() == paddle::DataType::FLOAT16;
-  void* kc = half ? static_cast<void*>(key_cache.data<paddle::float16>()) : key_cache.data<float>();
-  void* vc = half ? static_cast<void*>(value_cache.data<paddle::float16>()) : value_cache.data<float>();
   const Pointers p{qkv_c.data<float>(), pos_c.data<int64_t>(), cos_c.data<float>(), sin_c.data<float>(),
-                   slots_c.data<int64_t>(), q.data<float>(), kc, vc};
+                   slots_c.data<int64_t>(), q.data<float>(), key_cache.data(), value_cache.data()};
   CheckIndices(p.positions, p.slots, d);
   const int64_t elements = qkv.numel();
   const int threads = elements >= kMinParallelElements ? std::max(num_threads, 1) : 1;
   // Tokens write disjoint q rows and (distinct slots) disjoint cache rows: no synchronization.
   fd_threads::ParallelChunks(d.tokens, threads, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (half) {
-        ProcessToken<fd_kv::Half>(p, d, interleaved, t);
-      } else {
-        ProcessToken<float>(p, d, interleaved, t);
-      }
-    }
+    fd_kv::Visit(d.cache_type, [&](auto element) {
+      for (int64_t t = begin; t < end; ++t) ProcessToken<decltype(element)>(p, d, interleaved, t);
+    });
   });
   return {q};
 }
 
 std::vector<std::vector<int64_t>> RotaryKVInferShape(
     const std::vector<int64_t>& qkv_shape, const std::vector<int64_t>&, const std::vector<int64_t>&,
-    const std::vector<int64_t>&, const std::vector<int64_t>& cache_shape, const std::vector<int64_t>&,
-    const std::vector<int64_t>&, const int& num_heads, const int&, const bool&, const int&) {
-  const int64_t head_dim = cache_shape.size() == 4 ? cache_shape[3] : -1;
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const int& num_heads, const int& num_kv_heads, const bool&, const int&) {
+  // From qkv [T, (H + 2 * Hkv) * D]: an int8 cache's rows are longer than head_dim.
+  const int64_t heads = num_heads + 2 * static_cast<int64_t>(num_kv_heads);
+  const int64_t head_dim = qkv_shape.size() == 2 && qkv_shape[1] > 0 && heads > 0 ? qkv_shape[1] / heads : -1;
   return {{qkv_shape.empty() ? -1 : qkv_shape[0], num_heads, head_dim}};
 }
 

@@ -1,6 +1,7 @@
 """Where an engine step's time goes, on a batch shaped like `make bench`'s 32-stream load.
 
     .venv/bin/python scripts/profile_step.py [--prompts 32] [--prompt-len 233] [--max-tokens 128] [--split]
+        [--kv-cache-dtype auto|float32|float16|int8]
 
 Runs `LLM.generate` on --prompts random-token prompts of --prompt-len tokens, --max-tokens greedy
 tokens each (EOS ignored), and times every forward (`ModelRunner.execute`). It prints the time
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=233)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--split", action="store_true", help="op-by-op path, each op timed")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "int8"])
     args = ap.parse_args()
 
     totals: Totals = collections.defaultdict(float)
@@ -107,7 +109,8 @@ def main() -> None:
     time_steps(totals, phase)
     if args.split:
         os.environ[FUSED_ENV] = "0"  # read when the model first runs
-    llm = LLM(model="smollm2-135m-instruct", max_model_len=2048, max_num_seqs=max(64, args.prompts))
+    llm = LLM(model="smollm2-135m-instruct", max_model_len=max(2048, args.prompt_len + args.max_tokens),
+              max_num_seqs=max(64, args.prompts), kv_cache_dtype=args.kv_cache_dtype)
     if args.split:
         time_ops(llm.engine.runner.model, totals, phase)
     rng = np.random.default_rng(0)

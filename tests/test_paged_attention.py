@@ -224,10 +224,57 @@ def test_native_float16_cache(native, scenario, heads):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
+def int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., D] as int8 cache rows [..., D + 4] (native/kv_types.h: codes round(x / step), halves
+    away from zero, step = max |x| / 127, then the step's float32 bytes) and the values they hold."""
+    max_abs = np.abs(x).max(axis=-1, keepdims=True)
+    step = max_abs / np.float32(127.0)
+    inv = np.where(max_abs > 0, np.float32(127.0) / np.where(max_abs > 0, max_abs, 1), 0).astype(np.float32)
+    y = x * inv
+    ties = np.abs(y - np.trunc(y)) == 0.5
+    codes = np.clip(np.where(ties, np.trunc(y) + np.sign(y), np.round(y)), -127, 127).astype(np.int8)
+    return np.concatenate([codes, step.astype(np.float32).view(np.int8)], axis=-1), codes * step
+
+
+def as_int8_cache(case: Case) -> Case:
+    """The same case with int8 caches; the dense K/V become the values the cache now holds. Rows no
+    sequence owns carry a NaN step, so reading one shows up as NaN as in the float caches."""
+    def paged(cache: np.ndarray) -> np.ndarray:
+        rows, _ = int8_rows(np.nan_to_num(cache))
+        unused = np.isnan(cache).any(axis=-1)
+        rows[unused, -4:] = np.full(int(unused.sum()), np.nan, dtype=np.float32).view(np.int8).reshape(-1, 4)
+        return rows
+
+    return replace(case, key_cache=paged(case.key_cache), value_cache=paged(case.value_cache),
+                   keys=[int8_rows(k)[1] for k in case.keys], values=[int8_rows(v)[1] for v in case.values])
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 1, 128), (6, 2, 40)], ids=["gqa", "mqa", "d40"])
+def test_native_int8_cache(native, scenario, heads):
+    """int8 caches: every kernel (and the reference) computes over codes times their row's step,
+    so all match textbook attention over the values the int8 rows hold to fp32 accuracy."""
+    case = as_int8_cache(make_case(CONTEXT_LENS, SCENARIOS[scenario], *heads, block_size=16, seed=6))
+    want = dense_attention(case)
+    with paddle.no_grad():
+        reference = attn.reference_paged_attention(*case.tensors()).numpy()
+        fast = attn.native_paged_attention(*case.tensors(), num_threads=2).numpy()
+        portable = attn.native_paged_attention(*case.tensors(), scalar=True).numpy()
+    for got in (reference, fast, portable):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_native_refuses_int8_rows_without_their_step(native):
+    case = make_case((20,), (1,), 4, 4, 64, block_size=16)
+    q, k, v, *rest = case.tensors()
+    with pytest.raises(Exception, match="cache rows hold 64 elements, not the 68"):
+        attn.native_paged_attention(q, k.astype("int8"), v.astype("int8"), *rest)
+
+
 def test_native_refuses_mixed_cache_dtypes(native):
     case = make_case((20,), (1,), 4, 4, 64, block_size=16)
     q, k, v, *rest = case.tensors()
-    with pytest.raises(Exception, match="must both be float32 or both float16"):
+    with pytest.raises(Exception, match="must both be float32, both float16 or both int8"):
         attn.native_paged_attention(q, k.astype("float16"), v, *rest)
 
 
@@ -295,6 +342,29 @@ def test_write_kv_cache_in_place(request, impl, block_size, dtype):
     assert key_cache.numpy().dtype == dtype
     np.testing.assert_array_equal(key_cache.numpy(), want_k)
     np.testing.assert_array_equal(value_cache.numpy(), want_v)
+
+
+@pytest.mark.parametrize("impl", ["native", "reference"])
+def test_write_kv_cache_int8_rows(request, impl):
+    """Into int8 caches each row as its codes and step (kv_types.h), bit for bit as int8_rows
+    computes them; padding slots and other rows untouched."""
+    if impl == "native":
+        request.getfixturevalue("native")
+    write = attn.native_write_kv_cache if impl == "native" else attn.reference_write_kv_cache
+    base_k, base_v, key, value, slots = write_inputs(seed=2)
+    base_k, base_v = int8_rows(base_k)[0], int8_rows(base_v)[0]
+    key_cache, value_cache = paddle.to_tensor(base_k), paddle.to_tensor(base_v)
+    with paddle.no_grad():
+        write(paddle.to_tensor(key), paddle.to_tensor(value), key_cache, value_cache, paddle.to_tensor(slots))
+    want_k, want_v = expected_write(base_k, base_v, int8_rows(key)[0], int8_rows(value)[0], slots)
+    np.testing.assert_array_equal(key_cache.numpy(), want_k)
+    np.testing.assert_array_equal(value_cache.numpy(), want_v)
+    held = attn.cache_row_values(key_cache, key.shape[-1]).numpy()
+    block_size = base_k.shape[2]
+    for t, slot in enumerate(slots):
+        if slot >= 0:
+            row = held[slot // block_size, :, slot % block_size]
+            assert (np.abs(row - key[t]) <= np.abs(key[t]).max(axis=-1, keepdims=True) / 254 * 1.0001).all()
 
 
 def test_write_kv_cache_native_equals_reference(native):

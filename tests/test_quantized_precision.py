@@ -1,5 +1,5 @@
-"""Issue 6: precision modes beyond fp32 (weights in bf16 or wint8, a float16 KV cache, and the
-default wint8 + float16 pairing) keep greedy output equal to fp32 wherever the top-2 logit gap
+"""Issue 6: precision modes beyond fp32 (weights in bf16 or wint8, a float16 or int8 KV cache, and
+the default wint8 + float16 pairing) keep greedy output equal to fp32 wherever the top-2 logit gap
 exceeds 0.25 (the golden file records the fp32 reference's gap at every step)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ GAP = 0.25
 
 
 @pytest.mark.parametrize("quant, kv_cache_dtype", [("bf16", "float32"), ("wint8", "float32"), ("none", "float16"),
-                                                    ("wint8", "float16")])
+                                                    ("wint8", "float16"), ("none", "int8"), ("wint8", "int8")])
 def test_greedy_matches_fp32_where_the_gap_is_clear(quant, kv_cache_dtype, default_model_path, golden):
     llm = LLM(model=default_model_path, max_model_len=2048, num_gpu_blocks_override=256, quantization=quant,
               kv_cache_dtype=kv_cache_dtype)

@@ -207,3 +207,32 @@ def test_reference_matches_numpy_without_native(interleaved):
     want = expected(qkv, positions, slots, (kc, vc), heads, interleaved)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=0, atol=5e-6 * max(1.0, np.abs(w).max()))
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+@pytest.mark.parametrize("scenario", ["decode", "chunked", "large_prefill"])
+def test_int8_cache(native, scenario, interleaved):
+    """int8 caches (rows of head_dim codes and a float32 step): native and reference store the same
+    bytes, whose values are the rotated keys and the values within half a step."""
+    heads = HEADS["gqa_9_3_64"]
+    head_dim = heads[2]
+    rotary = RotaryEmbedding(head_dim, MAX_POS, THETA, interleaved)
+    batch = make_batch(scenario, seed=5)
+    qkv, slots, kc, vc = make_inputs(batch, heads, seed=6, pad_every=3 if scenario == "chunked" else 0)
+    pad = np.zeros(kc.shape[:-1] + (4,), dtype=np.int8)
+    caches = (np.concatenate([kc.astype(np.int8), pad], -1), np.concatenate([vc.astype(np.int8), pad], -1))
+    positions = batch.positions.numpy()
+    got = run("native", qkv, positions, slots, caches, rotary, heads)
+    want = run("reference", qkv, positions, slots, caches, rotary, heads)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    q, k, v = expected(qkv, positions, slots, (kc, vc), heads, interleaved)
+    np.testing.assert_allclose(got[0], q, rtol=0, atol=1e-5)
+    written = np.zeros(caches[0].shape[:-1], dtype=bool)
+    for slot in slots[slots >= 0]:
+        written[slot // BLOCK, :, slot % BLOCK] = True
+    for cache, before, dense in ((got[1], caches[0], k), (got[2], caches[1], v)):
+        held = cache[..., :head_dim].astype(np.float64) * cache[..., head_dim:].copy().view(np.float32)
+        half_step = np.abs(dense[written]).max(axis=-1, keepdims=True) / 254
+        assert (np.abs(held[written] - dense[written]) <= half_step * 1.001 + 1e-6).all()
+        np.testing.assert_array_equal(cache[~written], before[~written])

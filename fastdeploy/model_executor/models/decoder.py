@@ -127,14 +127,21 @@ class DecoderModel:
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: str = "float32"
                            ) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
-        """One (key, value) pair per layer, ``[num_blocks, num_kv_heads, block_size, head_dim]`` of
-        ``dtype`` (float32 or float16). Left uninitialized: every kernel reads only the positions a
+        """One (key, value) pair per layer, ``[num_blocks, num_kv_heads, block_size, row]`` of
+        ``dtype``: float32 or float16 rows of head_dim, or int8 rows of head_dim + 4 (codes and
+        their float32 step, native/kv_types.h). Left uninitialized: every kernel reads only the positions a
         sequence has written (the reference masks the rest, NaN included), and zeroing gigabytes
         of host memory up front took seconds of each start; pages now fault in as blocks fill."""
-        shape = [num_blocks, self.cfg.num_key_value_heads, block_size, self.cfg.head_dim]
+        shape = [num_blocks, self.cfg.num_key_value_heads, block_size, self._kv_row(dtype)[0]]
         return [(paddle.empty(shape, dtype=dtype), paddle.empty(shape, dtype=dtype))
                 for _ in range(self.cfg.num_hidden_layers)]
 
     def kv_bytes_per_block(self, block_size: int, dtype: str = "float32") -> int:
-        element = 2 if dtype == "float16" else 4
-        return 2 * self.cfg.num_hidden_layers * self.cfg.num_key_value_heads * block_size * self.cfg.head_dim * element
+        row, element = self._kv_row(dtype)
+        return 2 * self.cfg.num_hidden_layers * self.cfg.num_key_value_heads * block_size * row * element
+
+    def _kv_row(self, dtype: str) -> tuple[int, int]:
+        """Elements per cache row and bytes per element."""
+        if dtype == "int8":
+            return self.cfg.head_dim + attn_ops.INT8_ROW_EXTRA, 1
+        return self.cfg.head_dim, 2 if dtype == "float16" else 4

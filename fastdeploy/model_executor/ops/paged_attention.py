@@ -1,8 +1,9 @@
 """Paged attention and the KV-cache write, native (C++ custom op) or plain Paddle.
 
-KV cache, one pair per layer: ``key_cache`` / ``value_cache`` float32
-``[num_blocks, num_kv_heads, block_size, head_dim]``; the token at position ``p`` of a sequence lives
-in block ``block_tables[seq][p // block_size]`` at offset ``p % block_size``.
+KV cache, one pair per layer: ``key_cache`` / ``value_cache`` ``[num_blocks, num_kv_heads,
+block_size, head_dim]`` of float32 or float16, or int8 rows of ``head_dim + 4`` (codes, then the
+float32 step; native/kv_types.h); the token at position ``p`` of a sequence lives in block
+``block_tables[seq][p // block_size]`` at offset ``p % block_size``.
 
 Batch (varlen): the queries of all sequences are concatenated; sequence ``i`` owns rows
 ``query_start_loc[i]:query_start_loc[i+1]``, which are the *last* ``q_len`` positions of its
@@ -34,6 +35,9 @@ BACKEND_ENV = "FASTDEPLOY_ATTENTION_BACKEND"
 NATIVE = native_build.NATIVE
 REFERENCE = native_build.REFERENCE
 
+
+# Bytes after an int8 cache row's head_dim codes: its float32 step (kInt8RowExtra in kv_types.h).
+INT8_ROW_EXTRA = 4
 
 # Values of the op's `impl` attribute.
 _IMPL_AUTO = 0
@@ -148,21 +152,50 @@ def reference_write_kv_cache(key: paddle.Tensor, value: paddle.Tensor, key_cache
     heads = paddle.arange(num_kv_heads, dtype="int64").unsqueeze(0).expand([num, num_kv_heads]).flatten()
     index = (blocks, heads, offsets)
     head_dim = key.shape[-1]
-    paddle.index_put_(key_cache, index, key.reshape([num * num_kv_heads, head_dim]).astype(key_cache.dtype))
-    paddle.index_put_(value_cache, index, value.reshape([num * num_kv_heads, head_dim]).astype(value_cache.dtype))
+    paddle.index_put_(key_cache, index, _cache_rows(key.reshape([num * num_kv_heads, head_dim]), key_cache.dtype))
+    paddle.index_put_(value_cache, index,
+                      _cache_rows(value.reshape([num * num_kv_heads, head_dim]), value_cache.dtype))
+
+
+def _cache_rows(x: paddle.Tensor, dtype: paddle.dtype) -> paddle.Tensor:
+    """float32 rows x [..., head_dim] as a cache of `dtype` stores them. int8 rows (native/kv_types.h)
+    are head_dim codes round(x / step), step = max |x| / 127, then the bytes of the float32 step."""
+    if dtype != paddle.int8:
+        return x.astype(dtype)
+    max_abs = x.abs().max(axis=-1, keepdim=True)
+    step = max_abs / 127.0
+    inv = paddle.where(max_abs > 0, 127.0 / max_abs, paddle.zeros_like(max_abs))
+    codes = paddle.clip(paddle.round(x * inv), -127.0, 127.0).astype("int8")
+    return paddle.concat([codes, paddle.view(step, "int8")], axis=-1)
+
+
+def _gathered_values(cache: paddle.Tensor, table: paddle.Tensor, head_dim: int) -> paddle.Tensor:
+    """_gather_paged's rows as float32 values. Float caches are cast first (Paddle's CPU gather
+    has no float16 kernel); int8 rows are gathered first, then widened."""
+    if cache.dtype == paddle.int8:
+        return cache_row_values(_gather_paged(cache, table), head_dim)
+    return _gather_paged(_as_dtype(cache, "float32"), table)
+
+
+def cache_row_values(rows: paddle.Tensor, head_dim: int) -> paddle.Tensor:
+    """float32 values [..., head_dim] of cache rows [..., row] of any cache dtype."""
+    if rows.dtype != paddle.int8:
+        return _as_dtype(rows, "float32")
+    step = paddle.view(rows[..., head_dim:].contiguous(), "float32")
+    return rows[..., :head_dim].astype("float32") * step
 
 
 def _gather_paged(cache: paddle.Tensor, table: paddle.Tensor) -> paddle.Tensor:
-    """``[num_seqs, num_kv_heads, n_blocks * block_size, head_dim]``: each sequence's blocks in order.
+    """``[num_seqs, num_kv_heads, n_blocks * block_size, row]``: each sequence's blocks in order.
 
     Gathers (block, kv head) tiles in the output order directly, so no transpose of the gathered
     K/V is needed (Paddle's CPU transpose of a large 5-D tensor costs more than the whole gather)."""
     num_seqs, n_blocks = table.shape
-    num_blocks, num_kv_heads, block_size, head_dim = cache.shape
+    num_blocks, num_kv_heads, block_size, row = cache.shape
     heads = paddle.arange(num_kv_heads, dtype="int64").reshape([1, num_kv_heads, 1])
     tiles = table.unsqueeze(1) * num_kv_heads + heads  # [num_seqs, num_kv_heads, n_blocks]
-    rows = paddle.gather(cache.reshape([num_blocks * num_kv_heads, block_size, head_dim]), tiles.flatten())
-    return rows.reshape([num_seqs, num_kv_heads, n_blocks * block_size, head_dim])
+    rows = paddle.gather(cache.reshape([num_blocks * num_kv_heads, block_size, row]), tiles.flatten())
+    return rows.reshape([num_seqs, num_kv_heads, n_blocks * block_size, row])
 
 
 def reference_paged_attention(query: paddle.Tensor, key_cache: paddle.Tensor, value_cache: paddle.Tensor,
@@ -187,8 +220,8 @@ def reference_paged_attention(query: paddle.Tensor, key_cache: paddle.Tensor, va
     # Entries past a sequence's context may hold anything: clamp so the gather stays in range;
     # what they fetch is masked below.
     table = _as_dtype(block_tables[:, :n_blocks], "int64").clip(0, num_blocks - 1)
-    keys = _gather_paged(_as_dtype(key_cache, "float32"), table)
-    values = _gather_paged(_as_dtype(value_cache, "float32"), table)
+    keys = _gathered_values(key_cache, table, head_dim)
+    values = _gathered_values(value_cache, table, head_dim)
     key_pos = paddle.arange(max_keys, dtype="int64")
     in_context = (key_pos.unsqueeze(0) < ctx.unsqueeze(1))  # [num_seqs, max_keys]
     # Masked probabilities are 0, but 0 * NaN from never-written cache memory is not.

@@ -33,7 +33,7 @@ def native_applies(rotary: RotaryEmbedding, key_cache: paddle.Tensor) -> bool:
     """Whether :func:`native_rotary_write_kv` can serve this model's layers (decided per forward:
     the answer depends only on the backend, the devices and the dtypes)."""
     return (attn_ops.attention_backend_name() == attn_ops.NATIVE and key_cache.place.is_cpu_place()
-            and rotary.cos.place.is_cpu_place() and key_cache.dtype in (paddle.float32, paddle.float16))
+            and rotary.cos.place.is_cpu_place() and key_cache.dtype in (paddle.float32, paddle.float16, paddle.int8))
 
 
 def rotary_write_kv(qkv: paddle.Tensor, positions: paddle.Tensor, rotary: RotaryEmbedding,
