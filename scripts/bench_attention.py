@@ -4,7 +4,7 @@ Shapes follow SmolLM2-135M (9 query heads, 3 kv heads, head_dim 64), block_size 
 block tables. Cases: decode (32 sequences x 512 or x 2048 context, and 1 x 2048, one query each)
 and a 512-token prefill. Prints milliseconds per call (median of --iters after --warmup calls) of
 the reference, the native op's default (vector) kernel, its portable scalar kernel, and the vector
-kernel over the same K/V in float16 caches, in one run.
+kernel over the same K/V in float16 and in int8 caches, in one run.
 
     .venv/bin/python scripts/bench_attention.py [--iters 20] [--threads N]
 
@@ -95,10 +95,15 @@ def main() -> None:
                 half = (case[0], case[1].astype("float16"), case[2].astype("float16"), *case[3:])
                 half_ms = time_ms(lambda: attn.native_paged_attention(*half, num_threads=threads), args.warmup,
                                   args.iters)
+                int8 = (case[0], attn.cache_rows(case[1], paddle.int8), attn.cache_rows(case[2], paddle.int8),
+                        *case[3:])
+                int8_ms = time_ms(lambda: attn.native_paged_attention(*int8, num_threads=threads), args.warmup,
+                                  args.iters)
                 err = float((attn.native_paged_attention(*case) - attn.reference_paged_attention(*case)).abs().max())
                 line += (f"   native {nat_ms:8.3f} ms ({ref_ms / nat_ms:5.1f}x)   native scalar {scalar_ms:8.3f} ms"
                          f"   vector/scalar {nat_ms / scalar_ms:4.2f}x   float16 cache {half_ms:8.3f} ms"
-                         f" ({half_ms / nat_ms:4.2f}x fp32)   max|diff| {err:.1e}")
+                         f" ({half_ms / nat_ms:4.2f}x fp32)   int8 cache {int8_ms:8.3f} ms"
+                         f" ({int8_ms / half_ms:4.2f}x float16)   max|diff| {err:.1e}")
             print(line, flush=True)
 
 

@@ -104,7 +104,8 @@ def engine_specs(args: argparse.Namespace, port: int) -> dict[str, EngineSpec | 
     server = find_llama_server(args)
     out["llama-server"] = EngineSpec("llama-server", [server, "-m", args.model, *host, "--alias", SERVED_NAME,
                                                       "-np", str(slots), "-c", str(slots * slot_ctx(args)),
-                                                      "-t", str(args.threads), "-tb", str(args.threads)],
+                                                      "-t", str(args.threads), "-tb", str(args.threads),
+                                                      *shlex.split(args.llama_server_args)],
                                      "/health") if server else "llama-server not on PATH nor beside --bench-python"
     py = Path(args.bench_python)
     out["llama-cpp-python"] = EngineSpec(
@@ -369,6 +370,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="python of the venv with llama-cpp-python[server] (make bench-venv)")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: PATH, then beside --bench-python)")
     ap.add_argument("--fd-args", default="", help="extra flags for our api_server, e.g. '--quantization wint8'")
+    ap.add_argument("--llama-server-args", default="",
+                    help="extra flags for llama-server, e.g. '-fa on -ctk q8_0 -ctv q8_0' beside --fd-args "
+                         "'--kv-cache-dtype int8'")
     ap.add_argument("--startup-timeout", type=float, default=900.0)
     ap.add_argument("--work-dir", type=Path, default=None, help="server logs and raw JSON (default: a temp dir)")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")

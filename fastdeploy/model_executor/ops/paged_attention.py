@@ -152,12 +152,12 @@ def reference_write_kv_cache(key: paddle.Tensor, value: paddle.Tensor, key_cache
     heads = paddle.arange(num_kv_heads, dtype="int64").unsqueeze(0).expand([num, num_kv_heads]).flatten()
     index = (blocks, heads, offsets)
     head_dim = key.shape[-1]
-    paddle.index_put_(key_cache, index, _cache_rows(key.reshape([num * num_kv_heads, head_dim]), key_cache.dtype))
+    paddle.index_put_(key_cache, index, cache_rows(key.reshape([num * num_kv_heads, head_dim]), key_cache.dtype))
     paddle.index_put_(value_cache, index,
-                      _cache_rows(value.reshape([num * num_kv_heads, head_dim]), value_cache.dtype))
+                      cache_rows(value.reshape([num * num_kv_heads, head_dim]), value_cache.dtype))
 
 
-def _cache_rows(x: paddle.Tensor, dtype: paddle.dtype) -> paddle.Tensor:
+def cache_rows(x: paddle.Tensor, dtype: paddle.dtype) -> paddle.Tensor:
     """float32 rows x [..., head_dim] as a cache of `dtype` stores them. int8 rows (native/kv_types.h)
     are head_dim codes round(x / step), step = max |x| / 127, then the bytes of the float32 step."""
     if dtype != paddle.int8:
