@@ -112,6 +112,9 @@ def load_gguf(path: str, keep_grids: bool = False) -> tuple[ModelArchConfig, dic
     except with keep_grids the Q4_1 matrices, which stay on their grids (Grid4) for wint8 layers."""
     index = open_gguf_index(path)
     cfg = arch_config_from_metadata(index.metadata)
+    # llama.cpp permutes Llama's q/k rows per head (module docstring).
+    permuted_heads = {"attn_q.weight": cfg.num_attention_heads, "attn_q.bias": cfg.num_attention_heads,
+                      "attn_k.weight": cfg.num_key_value_heads, "attn_k.bias": cfg.num_key_value_heads}
     weights: dict[str, np.ndarray | Grid4] = {}
     for tensor in index.tensors:
         name = tensor.name
@@ -129,10 +132,8 @@ def load_gguf(path: str, keep_grids: bool = False) -> tuple[ModelArchConfig, dic
             arr = from_q4_1_blocks(np.asarray(tensor.data))
         else:
             arr = tensor_to_float32(tensor)
-        heads = {"attn_q.weight": cfg.num_attention_heads, "attn_q.bias": cfg.num_attention_heads,
-                 "attn_k.weight": cfg.num_key_value_heads, "attn_k.bias": cfg.num_key_value_heads}
-        if cfg.architecture == "llama" and suffix_of(name) in heads:
-            n_head = heads[suffix_of(name)]
+        if cfg.architecture == "llama" and suffix_of(name) in permuted_heads:
+            n_head = permuted_heads[suffix_of(name)]
             if isinstance(arr, Grid4):
                 arr = arr.map_rows(lambda a, n=n_head: _unpermute_rows(a, n))
             else:

@@ -129,9 +129,10 @@ class DecoderModel:
                            ) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
         """One (key, value) pair per layer, ``[num_blocks, num_kv_heads, block_size, row]`` of
         ``dtype``: float32 or float16 rows of head_dim, or int8 rows of head_dim + 4 (codes and
-        their float32 step, native/kv_types.h). Left uninitialized: every kernel reads only the positions a
-        sequence has written (the reference masks the rest, NaN included), and zeroing gigabytes
-        of host memory up front took seconds of each start; pages now fault in as blocks fill."""
+        their float32 step, native/kv_types.h). Left uninitialized: every kernel reads only the
+        positions a sequence has written (the reference masks the rest, NaN included), and zeroing
+        gigabytes of host memory up front took seconds of each start; pages now fault in as blocks
+        fill."""
         shape = [num_blocks, self.cfg.num_key_value_heads, block_size, self._kv_row(dtype)[0]]
         return [(paddle.empty(shape, dtype=dtype), paddle.empty(shape, dtype=dtype))
                 for _ in range(self.cfg.num_hidden_layers)]
