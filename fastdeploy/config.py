@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# KV cache element types (--kv-cache-dtype, besides "auto"); int8: codes and a step per row.
+KV_CACHE_DTYPES = ("float32", "float16", "int8")
+
+
 @dataclass
 class ModelConfig:
     model: str = "smollm2-135m-instruct"
@@ -84,8 +88,8 @@ class EngineConfig:
         if self.model_config.quantization not in (None, "none", "bf16", "wint8"):
             raise ValueError(f"--quantization {self.model_config.quantization!r}: choose none, bf16 or wint8")
         cc = self.cache_config
-        if cc.kv_cache_dtype not in ("auto", "float32", "float16", "int8"):
-            raise ValueError(f"--kv-cache-dtype {cc.kv_cache_dtype!r}: choose auto, float32, float16 or int8")
+        if cc.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ValueError(f"--kv-cache-dtype {cc.kv_cache_dtype!r}: choose auto, {', '.join(KV_CACHE_DTYPES)}")
         if cc.block_size < 1 or cc.block_size & (cc.block_size - 1):
             raise ValueError("--block-size must be a power of two")
         if not 0.0 < cc.gpu_memory_utilization <= 1.0:

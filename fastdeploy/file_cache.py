@@ -23,6 +23,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def file_version(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """(real path, size, mtime in ns): what tells one version of a file from another."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, st.st_size, st.st_mtime_ns
+
+
 class FileCache(Generic[T]):
     """Values of type `value_type` (msgspec-encodable), one per model file version."""
 
@@ -37,13 +44,12 @@ class FileCache(Generic[T]):
         from fastdeploy.model_store import cache_dir
 
         try:
-            real = os.path.realpath(path)
-            st = os.stat(real)
+            real, size, mtime_ns = file_version(path)
             root = cache_dir() / self.kind
             root.mkdir(parents=True, exist_ok=True)
         except OSError:
             return None
-        key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{self.version}".encode()
+        key = f"{real}\0{size}\0{mtime_ns}\0{self.version}".encode()
         return root / f"{hashlib.sha256(key).hexdigest()[:32]}.msgpack"
 
     def get(self, path: str | os.PathLike[str], build: Callable[[], T]) -> T:

@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 from gguf import GGUFReader
 
-from fastdeploy.file_cache import FileCache
+from fastdeploy.file_cache import FileCache, file_version
 
 # Metadata arrays the index leaves out: the tokenizer reads them (input/gguf_tokenizer.py).
 _TOKENIZER_ARRAYS = ("tokens", "token_type", "merges", "scores")
@@ -26,9 +26,7 @@ _TOKENIZER_ARRAYS = ("tokens", "token_type", "merges", "scores")
 
 def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
     """The file's reader (read-only memory map), parsed once per (path, size, mtime)."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    return _parse(real, st.st_size, st.st_mtime_ns)
+    return _parse(*file_version(path))
 
 
 @functools.lru_cache(maxsize=2)
@@ -71,9 +69,7 @@ _INDEX_CACHE = FileCache("gguf-index", version=1, value_type=_IndexEntry)
 def open_gguf_index(path: str | os.PathLike[str]) -> GGUFIndex:
     """The file's metadata and tensors, from the index cache when this version of the file was
     indexed before; once per (path, size, mtime) and process."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    return _index(real, st.st_size, st.st_mtime_ns)
+    return _index(*file_version(path))
 
 
 @functools.lru_cache(maxsize=2)

@@ -243,6 +243,24 @@ class KeyRows {
 // and int8 rows are widened (int8 ones times their step) once into `stage` ([2][kKeyTile][head_dim])
 // rather than element by element in the inner loop. Padding entries point at the last widened row,
 // as KeyRows's do.
+// One key row and one value row as fp32 (int8 codes times their row's step).
+template <typename T>
+void WidenRows(const T* k_src, const T* v_src, int64_t head_dim, float* k_dst, float* v_dst) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    const Vec k_step = Simd::Set1(fd_kv::RowStep(k_src, head_dim));
+    const Vec v_step = Simd::Set1(fd_kv::RowStep(v_src, head_dim));
+    for (int64_t c = 0; c < head_dim; c += kLanes) {
+      Simd::Store(k_dst + c, Simd::Mul(Simd::LoadU(k_src + c), k_step));
+      Simd::Store(v_dst + c, Simd::Mul(Simd::LoadU(v_src + c), v_step));
+    }
+  } else {
+    for (int64_t c = 0; c < head_dim; c += kLanes) {
+      Simd::Store(k_dst + c, Simd::LoadU(k_src + c));
+      Simd::Store(v_dst + c, Simd::LoadU(v_src + c));
+    }
+  }
+}
+
 template <typename T>
 int NextRowsF32(KeyRows<T>& rows, int64_t head_dim, float* stage, const float** keys, const float** values) {
   if constexpr (std::is_same_v<T, float>) {
@@ -254,14 +272,7 @@ int NextRowsF32(KeyRows<T>& rows, int64_t head_dim, float* stage, const float** 
     for (int j = 0; j < kKeyTile; ++j) {
       float* k_dst = stage + std::min(j, nk - 1) * head_dim;
       float* v_dst = k_dst + kKeyTile * head_dim;
-      if (j < nk) {
-        const Vec k_step = Simd::Set1(fd_kv::RowStep(k_src[j], head_dim));
-        const Vec v_step = Simd::Set1(fd_kv::RowStep(v_src[j], head_dim));
-        for (int64_t c = 0; c < head_dim; c += kLanes) {
-          Simd::Store(k_dst + c, Simd::Mul(Simd::LoadU(k_src[j] + c), k_step));
-          Simd::Store(v_dst + c, Simd::Mul(Simd::LoadU(v_src[j] + c), v_step));
-        }
-      }
+      if (j < nk) WidenRows(k_src[j], v_src[j], head_dim, k_dst, v_dst);
       keys[j] = k_dst;
       values[j] = v_dst;
     }
@@ -348,13 +359,13 @@ inline void ScoreFourKeysNarrow(const float* const* q, const T* const* keys, int
       for (int h = 0; h < R; ++h) acc[h][j] = Simd::Fmadd(Simd::Load(q[h] + c), k, acc[h][j]);
     }
   }
-  __m128 steps = _mm_set1_ps(1.f);
-  if constexpr (std::is_same_v<T, int8_t>) {
-    steps = _mm_setr_ps(fd_kv::RowStep(keys[0], head_dim), fd_kv::RowStep(keys[1], head_dim),
-                        fd_kv::RowStep(keys[2], head_dim), fd_kv::RowStep(keys[3], head_dim));
-  }
   for (int h = 0; h < R; ++h) {
-    _mm_storeu_ps(&scores[h][j0], _mm_mul_ps(Simd::Sum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), steps));
+    __m128 dots = Simd::Sum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+    if constexpr (std::is_same_v<T, int8_t>) {
+      dots = _mm_mul_ps(dots, _mm_setr_ps(fd_kv::RowStep(keys[0], head_dim), fd_kv::RowStep(keys[1], head_dim),
+                                          fd_kv::RowStep(keys[2], head_dim), fd_kv::RowStep(keys[3], head_dim)));
+    }
+    _mm_storeu_ps(&scores[h][j0], dots);
   }
 }
 

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_prompts import chat_prompts  # noqa: E402
 
+from fastdeploy.config import KV_CACHE_DTYPES  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -56,7 +58,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--quantization", default=None, choices=["none", "bf16", "wint8"])
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "int8"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES])
     ap.add_argument("--hf-python", type=Path, default=ROOT / ".venv-ref" / "bin" / "python")
     args = ap.parse_args()
     ours = run_ours(args.num_prompts, args.max_tokens, args.quantization, args.kv_cache_dtype)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fastdeploy import LLM, SamplingParams
+from fastdeploy.config import KV_CACHE_DTYPES
 from fastdeploy.model_executor import model_runner
 from fastdeploy.model_executor.layers import linear
 from fastdeploy.model_executor.models import decoder
@@ -101,7 +102,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=233)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--split", action="store_true", help="op-by-op path, each op timed")
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "int8"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES])
     args = ap.parse_args()
 
     totals: Totals = collections.defaultdict(float)

@@ -209,21 +209,6 @@ def as_float16_cache(case: Case) -> Case:
                    keys=rounded(case.keys), values=rounded(case.values))
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 1, 128), (6, 2, 40)], ids=["gqa", "mqa", "d40"])
-def test_native_float16_cache(native, scenario, heads):
-    """Float16 caches: the narrow, wide and scalar kernels widen what the cache holds and compute
-    in fp32, so they match textbook attention over the float16-rounded K/V to fp32 accuracy."""
-    case = as_float16_cache(make_case(CONTEXT_LENS, SCENARIOS[scenario], *heads, block_size=16, seed=5))
-    want = dense_attention(case)
-    with paddle.no_grad():
-        reference = attn.reference_paged_attention(*case.tensors()).numpy()
-        fast = attn.native_paged_attention(*case.tensors(), num_threads=2).numpy()
-        portable = attn.native_paged_attention(*case.tensors(), scalar=True).numpy()
-    for got in (reference, fast, portable):
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
-
-
 def int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x [..., D] as int8 cache rows [..., D + 4] (native/kv_types.h: codes round(x / step), halves
     away from zero, step = max |x| / 127, then the step's float32 bytes) and the values they hold."""
@@ -249,12 +234,14 @@ def as_int8_cache(case: Case) -> Case:
                    keys=[int8_rows(k)[1] for k in case.keys], values=[int8_rows(v)[1] for v in case.values])
 
 
+@pytest.mark.parametrize("convert", [as_float16_cache, as_int8_cache], ids=["float16", "int8"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("heads", [(9, 3, 64), (8, 1, 128), (6, 2, 40)], ids=["gqa", "mqa", "d40"])
-def test_native_int8_cache(native, scenario, heads):
-    """int8 caches: every kernel (and the reference) computes over codes times their row's step,
-    so all match textbook attention over the values the int8 rows hold to fp32 accuracy."""
-    case = as_int8_cache(make_case(CONTEXT_LENS, SCENARIOS[scenario], *heads, block_size=16, seed=6))
+def test_native_float16_and_int8_caches(native, scenario, heads, convert):
+    """Float16 and int8 caches: the narrow, wide and scalar kernels (and the reference) widen what
+    the cache holds (int8 codes times their row's step) and compute in fp32, so they match textbook
+    attention over the values the cache holds to fp32 accuracy."""
+    case = convert(make_case(CONTEXT_LENS, SCENARIOS[scenario], *heads, block_size=16, seed=5))
     want = dense_attention(case)
     with paddle.no_grad():
         reference = attn.reference_paged_attention(*case.tensors()).numpy()

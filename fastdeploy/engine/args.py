@@ -4,7 +4,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from fastdeploy.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from fastdeploy.config import (
+    KV_CACHE_DTYPES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 
 
 def _str2bool(value: str | bool) -> bool:
@@ -88,7 +95,7 @@ class EngineArgs:
         g.add_argument("--num-gpu-blocks-override", type=int, default=None)
         g.add_argument("--enable-prefix-caching", type=_str2bool, nargs="?", const=True, default=True)
         g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "float32", "float16", "int8"],
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", *KV_CACHE_DTYPES],
                        help="KV cache element type (default auto: float16 where the native CPU attention kernels "
                             "run, float32 otherwise; int8: 8-bit codes with a step per token and head, about half "
                             "of float16's memory)")

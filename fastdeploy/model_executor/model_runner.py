@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from fastdeploy.config import CacheConfig
+from fastdeploy.config import KV_CACHE_DTYPES, CacheConfig
 from fastdeploy.model_executor.forward_batch import ForwardBatch
 from fastdeploy.model_executor.layers.linear import linear_backend_name
 from fastdeploy.model_executor.loader import load_model_weights
@@ -47,9 +47,6 @@ def resolve_quantization(model_path: str, requested: str | None) -> str:
     logger.info("Weights are GGUF %s blocks: kept as wint8, which holds them exactly "
                 "(--quantization none for fp32)", "/".join(sorted(t.name for t in types)))
     return "wint8"
-
-
-KV_CACHE_DTYPES = ("float32", "float16", "int8")
 
 
 def resolve_kv_cache_dtype(requested: str | None) -> str:

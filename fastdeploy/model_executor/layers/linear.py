@@ -372,8 +372,8 @@ class LinearWeight:
     """A prepared weight for ``y = x @ W (+ bias)``. quant: "none" (fp32), "bf16", "wint8".
 
     ``w_out_in`` is float32 in Hugging Face layout ``[out, in]``, or a Grid4 (weights on 16-level
-    grids), which wint8 layers with 4-bit panels pack without going through float32. ``backend`` overrides
-    :func:`linear_backend_name` for this weight (tests build one of each); ``group_size`` is the
+    grids), which wint8 layers with 4-bit panels pack without going through float32. ``backend``
+    overrides :func:`linear_backend_name` for this weight (tests build one of each); ``group_size`` is the
     wint8 group along K; ``vnni`` lets wint8 use the 16-bit-activation kernels (where they are
     built and the group is one of VNNI_GROUPS; with AVX2 only for calls of few rows);
     ``bf16_dot_min_rows`` (0 = never) is where the other bf16/8-bit paths switch to bf16
