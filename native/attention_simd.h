@@ -1,7 +1,8 @@
-// Vector traits for the tiled paged-attention kernel (paged_attention.cc): one fp32 register of
-// kLanes lanes and the handful of operations the kernel needs, for AVX-512 (16 lanes) and for
-// AVX2 + FMA + F16C (8 lanes). The kernel is written once against these; FD_ATTENTION_TILED is
-// defined when either instruction set is available at compile time (-march=native).
+// Vector traits for the tiled paged-attention kernel (paged_attention.cc), also used by the
+// element-wise rows of norm.cc: one fp32 register of kLanes lanes and the handful of operations
+// they need, for AVX-512 (16 lanes) and for AVX2 + FMA + F16C (8 lanes). The kernels are written
+// once against these; FD_ATTENTION_TILED is defined when either instruction set is available at
+// compile time (-march=native).
 #pragma once
 
 #include <cstdint>
@@ -63,6 +64,7 @@ struct Simd {
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
   static V Sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V Div(V a, V b) { return _mm512_div_ps(a, b); }
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static __m128 Sum4(V a0, V a1, V a2, V a3) { return HorizontalSums(Fold(a0), Fold(a1), Fold(a2), Fold(a3)); }
@@ -119,6 +121,7 @@ struct Simd {
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }
   static V Sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V Div(V a, V b) { return _mm256_div_ps(a, b); }
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static __m128 Sum4(V a0, V a1, V a2, V a3) { return HorizontalSums(a0, a1, a2, a3); }

@@ -24,8 +24,11 @@
 //     every M through vpdpbusd: the multiply rate of vdpbf16ps, and at M = 1 three times fewer
 //     instructions than dequantizing to fp32. With AVX2 through vpmaddwd, up to kAct16MaxRows
 //     rows, where skipping the weights' int-to-float conversion pays (linear_kernels.h).
-//   - u4 (AVX2 builds): from 2 rows on, 8-bit activations with vpmaddubsw (linear_s8.h), whose
-//     int16 sums cannot saturate on 4-bit weights; one row takes 16-bit activations (vpmaddwd).
+//   - u4 (AVX2 builds): up to kU4Act16MaxRows rows 16-bit activations (vpmaddwd) in tiles of
+//     two rows that each stream the panel once, beyond that the many-row fp32 path below; or,
+//     when the call asks for them (vnni = 2), from 2 rows on 8-bit activations with vpmaddubsw
+//     (linear_s8.h): llama.cpp's Q8_1 arithmetic, 1.3-1.9x faster per layer but far less exact,
+//     opt-in (the Python side's FASTDEPLOY_ACT8).
 //   - few rows (decode), other formats: each panel is streamed once and widened or dequantized in
 //     registers against fp32 activations; memory-bound anyway.
 //   - many rows (prefill, big batches): rows are cut into blocks of 96 whose tiles all pass over
@@ -153,7 +156,7 @@ void Act16Tile(const Problem& p, const Tile& t) {
 #else
   const int16_t* xq = p.x_q16 + t.row * p.k + t.k0;
 #if FD_LINEAR_S8
-  if constexpr (MR <= 2) {
+  if constexpr (MR <= kU4Act16TileRows) {  // RunPanel cuts 4-bit panels' calls into such tiles
     if (p.format == kFormatU4) {
       TileVnniOnePass<MR, U4Group>(xq, p.k, step, qsum, groups, b, t.kc, pf, acc);
       StoreTile<MR>(acc, t.c, p.n, t.bias, t.cols, t.accumulate, t.stream);
@@ -320,6 +323,10 @@ const void* SliceFor(const Problem& p, const Plan& plan, int64_t panel, int64_t 
   }
   if (p.format == kFormatU8) {
     DequantU8ToF32(packed, kc, p.group, scratch.f32);
+#if FD_LINEAR_S8
+  } else if (p.format == kFormatU4) {
+    DequantU4ToF32(packed, kc, scratch.f32);
+#endif
   } else {
     WidenBF16ToF32(reinterpret_cast<const uint16_t*>(packed), kc, scratch.f32);
   }
@@ -350,10 +357,12 @@ void RunPanel(const Problem& p, Kernel kernel, const void* b, const char* next, 
 #endif
 #if FD_LINEAR_S8
   const int64_t s8_rows = kMaxS8Rows;
+  const int64_t u4_rows = kU4Act16TileRows;
 #else
   const int64_t s8_rows = kMaxRows;
+  const int64_t u4_rows = kMaxRows;  // no 4-bit panels in these builds
 #endif
-  const int64_t tile_rows = kernel == Kernel::kU8Vnni ? int_rows
+  const int64_t tile_rows = kernel == Kernel::kU8Vnni ? (p.format == kFormatU4 ? u4_rows : int_rows)
                             : kernel == Kernel::kS8   ? s8_rows
                             : kernel == Kernel::kF32  ? kWideRows
                                                       : kMaxRows;
@@ -475,12 +484,14 @@ constexpr int32_t kAct16Rows =
     0;
 #endif
 
-// The fewest rows a call on u4 panels multiplies 8-bit activations for (0: not built).
-constexpr int32_t kS8Rows =
+// The fewest rows a call on u4 panels multiplies 8-bit activations for (0: not built), and the
+// most it multiplies 16-bit ones for when it does not.
 #if FD_LINEAR_S8
-    static_cast<int32_t>(fd_linear::kS8MinRows);
+constexpr int32_t kS8Rows = static_cast<int32_t>(fd_linear::kS8MinRows);
+constexpr int32_t kU4Act16Rows = static_cast<int32_t>(fd_linear::kU4Act16MaxRows);
 #else
-    0;
+constexpr int32_t kS8Rows = 0;
+constexpr int32_t kU4Act16Rows = 0;
 #endif
 
 paddle::Tensor Contiguous(const paddle::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
@@ -507,9 +518,10 @@ void CheckInputs(const paddle::Tensor& x, const paddle::Tensor& packed_w, const 
 
 #if FD_LINEAR_SIMD
 #if FD_LINEAR_S8
-// 8-bit x for TileS8: 4-bit panels with at least kS8MinRows rows (fewer take the 16-bit kernel).
-bool PrepareS8(fd_linear::Problem& p, int num_threads) {
-  p.s8 = p.format == fd_linear::kFormatU4 && p.m >= fd_linear::kS8MinRows;
+// 8-bit x for TileS8: 4-bit panels with at least kS8MinRows rows, in calls that ask for 8-bit
+// activations (vnni = 2); the others take the 16-bit kernel.
+bool PrepareS8(fd_linear::Problem& p, int vnni, int num_threads) {
+  p.s8 = p.format == fd_linear::kFormatU4 && p.m >= fd_linear::kS8MinRows && vnni >= 2;
   if (!p.s8) return false;
   const int64_t groups = p.k / p.group;
   float* step = fd_linear::ScratchArray<float, 1>(p.m * groups);
@@ -537,13 +549,20 @@ bool PrepareS8(fd_linear::Problem& p, int num_threads) {
 // points of the few-row 8-bit kernel.
 void PrepareActivations(fd_linear::Problem& p, int bf16_dot_min_rows, int vnni, int num_threads) {
 #if FD_LINEAR_S8
-  if (PrepareS8(p, num_threads)) return;
+  if (PrepareS8(p, vnni, num_threads)) return;
 #endif
 #if FD_LINEAR_ACT16
-  // 4-bit panels have integer kernels only: below kS8MinRows rows the 16-bit one, whatever vnni says.
-  p.vnni = (vnni != 0 && p.format == fd_linear::kFormatU8 && fd_linear::VnniGroupOk(p.group) &&
-            p.m <= fd_linear::kAct16MaxRows) ||
-           p.format == fd_linear::kFormatU4;
+  // 4-bit panels: the 16-bit kernel up to kU4Act16MaxRows rows (a single row whatever vnni says:
+  // it is the only few-row kernel they have), the fp32 tiles on dequantized slices beyond.
+#if FD_LINEAR_S8
+  if (p.format == fd_linear::kFormatU4) {
+    p.vnni = p.m <= fd_linear::kU4Act16MaxRows;
+  } else
+#endif
+  {
+    p.vnni = vnni != 0 && p.format == fd_linear::kFormatU8 && fd_linear::VnniGroupOk(p.group) &&
+             p.m <= fd_linear::kAct16MaxRows;
+  }
   if (p.vnni) {
     const int64_t groups = p.k / p.group;
     float* step = fd_linear::ScratchArray<float, 1>(p.m * groups);
@@ -645,9 +664,10 @@ namespace {
 
 // fd_linear(x [M, K] fp32, packed_w uint8, bias fp32 [N] or [0]) -> y [M, N] fp32.
 // format: 0 fp32, 1 bf16, 2 8-bit grid (group = rows per scale and zero): u8 panels, or in AVX2 builds
-// with group 32 u4 ones, told apart by the size (8-bit activations from kS8MinRows rows on, 16-bit
-// below: linear_s8.h). vnni: 1 = u8 panels multiply 16-bit activations (when VnniGroupOk(group);
-// vpdpbusd at any M with AVX512-VNNI, vpmaddwd up to kAct16MaxRows rows with AVX2).
+// with group 32 u4 ones, told apart by the size (16-bit activations; with vnni = 2, 8-bit ones from
+// kS8MinRows rows on: linear_s8.h). vnni: 1 = u8 panels multiply 16-bit activations (when
+// VnniGroupOk(group); vpdpbusd at any M with AVX512-VNNI, vpmaddwd up to kAct16MaxRows rows with
+// AVX2).
 // bf16_dot_min_rows: otherwise use vdpbf16ps with bf16-rounded activations when M >= this
 // (0 = never; bf16 and u8 formats only).
 std::vector<paddle::Tensor> LinearKernel(const paddle::Tensor& x, const paddle::Tensor& packed_w,
@@ -668,17 +688,19 @@ std::vector<paddle::DataType> LinearInferDtype(const paddle::DataType&, const pa
   return {paddle::DataType::FLOAT32};
 }
 
-// fd_linear_caps(any) -> int32 [4]: {vector width in bits of the kernels built (512 for AVX-512,
+// fd_linear_caps(any) -> int32 [5]: {vector width in bits of the kernels built (512 for AVX-512,
 // 256 for AVX2 + FMA, 0 = none: fd_linear would refuse), vdpbf16ps kernels built, the most rows a
 // call with vnni set runs the 16-bit-activation kernels for (0 = not built; vpdpbusd with
 // AVX512-VNNI: any M, vpmaddwd with AVX2: few rows), the fewest rows a call on 4-bit panels runs
-// the 8-bit-activation kernel for (0 = 4-bit panels not built)}.
+// the 8-bit-activation kernel for (0 = 4-bit panels not built), the most rows such a call runs the
+// 16-bit kernel for otherwise}.
 std::vector<paddle::Tensor> LinearCapsKernel(const paddle::Tensor& probe) {
-  paddle::Tensor caps = paddle::empty({4}, paddle::DataType::INT32, paddle::CPUPlace());
+  paddle::Tensor caps = paddle::empty({5}, paddle::DataType::INT32, paddle::CPUPlace());
   caps.data<int32_t>()[0] = kHaveAvx512 ? 512 : kHaveKernels ? 256 : 0;
   caps.data<int32_t>()[1] = kHaveBF16Dot ? 1 : 0;
   caps.data<int32_t>()[2] = kAct16Rows;
   caps.data<int32_t>()[3] = kS8Rows;
+  caps.data<int32_t>()[4] = kU4Act16Rows;
   return {caps};
 }
 

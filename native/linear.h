@@ -15,7 +15,8 @@ struct LinearArgs {
   int group = 0;               // format 2: K rows per (scale, zero)
   int bf16_dot_min_rows = 0;   // vdpbf16ps with bf16 activations from this many rows on (0 = never)
   int vnni = 0;                // u8 panels: 1 = 16-bit activations, integer sums (where built:
-                               // linear.cc); u4 panels have integer kernels only, whatever it says
+                               // linear.cc). u4 panels have integer kernels only: 16-bit
+                               // activations, or 8-bit ones from kS8MinRows rows on with vnni = 2
   int num_threads = 1;
 };
 

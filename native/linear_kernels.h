@@ -858,6 +858,20 @@ inline void TileU8(const float* a, int64_t lda, const uint8_t* b, int64_t kc, in
   }
 }
 
+// The four rows of a k-quad of codes dequantized into fp32 out[0 .. 4][32].
+inline void StoreQuadDequant(const __m256i (&quads)[kVecs], const __m256 (&s)[kVecs], const __m256 (&z)[kVecs],
+                             float* out) {
+  __m256 w[kVecs];
+  QuadRowDequant<0>(quads, s, z, w);
+  StoreRowF32(out, w);
+  QuadRowDequant<1>(quads, s, z, w);
+  StoreRowF32(out + kPanel, w);
+  QuadRowDequant<2>(quads, s, z, w);
+  StoreRowF32(out + 2 * kPanel, w);
+  QuadRowDequant<3>(quads, s, z, w);
+  StoreRowF32(out + 3 * kPanel, w);
+}
+
 // Dequantizes kc rows of an 8-bit panel into fp32 [kc][32] (the many-row path, see the AVX-512
 // version).
 inline void DequantU8ToF32(const uint8_t* b, int64_t kc, int group, float* out) {
@@ -865,20 +879,11 @@ inline void DequantU8ToF32(const uint8_t* b, int64_t kc, int group, float* out) 
   __m256 s[kVecs];
   __m256 z[kVecs];
   __m256i quads[kVecs];
-  __m256 w[kVecs];
   for (int64_t g0 = 0; g0 < kc; g0 += group, b += group_bytes) {
     LoadScaleZero(b, group, s, z);
     for (int kq = 0; kq < group; kq += 4) {
       LoadQuads(b + kq * kPanel, quads);
-      float* o = out + (g0 + kq) * kPanel;
-      QuadRowDequant<0>(quads, s, z, w);
-      StoreRowF32(o, w);
-      QuadRowDequant<1>(quads, s, z, w);
-      StoreRowF32(o + kPanel, w);
-      QuadRowDequant<2>(quads, s, z, w);
-      StoreRowF32(o + 2 * kPanel, w);
-      QuadRowDequant<3>(quads, s, z, w);
-      StoreRowF32(o + 3 * kPanel, w);
+      StoreQuadDequant(quads, s, z, out + (g0 + kq) * kPanel);
     }
   }
 }

@@ -1,7 +1,9 @@
 // 4-bit weight codes x 8-bit activations with vpmaddubsw: fd_linear's AVX2 kernel for calls of
 // kS8MinRows (2) rows or more on 4-bit panels (u4: a GGUF Q4_0/Q4_1 source, whose groups of 32
 // lie on 16-level grids; the Python side stores such layers as their 4-bit codes with the block's
-// own scale and zero).
+// own scale and zero) that ask for it (vnni = 2). Opt-in: 8-bit activations shift SmolLM2's
+// logits by ~0.65 (median over steps of the largest change), enough to flip greedy tokens whose
+// fp32 top-2 gap is 0.4, where the 16-bit kernel's (U4Group below) stay within 1e-3.
 //
 // Why: on AVX2 the fp32 FMA path is the only fast many-row path, and fp32 multiplies 8 pairs per
 // instruction. vpmaddubsw multiplies 32 u8 x s8 pairs into 16 int16 pair sums; with a vpaddw per
@@ -62,7 +64,14 @@ constexpr int kMaxS8Rows = 8;
 // 0.80-1.10, M = 2 0.90-1.00, M = 4 0.57-0.81, M = 8 0.56-0.84, M = 12 0.61-0.67; against the fp32
 // path 0.4-0.8 from M = 2 to 256 (scripts/bench_linear.py --act8-ab).
 constexpr int64_t kS8MinRows = 2;
-static_assert(kS8MinRows <= 3, "the calls below kS8MinRows rows take TileVnniOnePass, which holds two rows");
+// Row tiles of the 16-bit kernel on 4-bit panels: TileVnniOnePass holds two rows' sums beside the
+// panel's four column blocks. It serves the calls that do not take the 8-bit kernel (the calls
+// below kS8MinRows rows, and all calls that do not ask for 8-bit activations) of up to
+// kU4Act16MaxRows rows; longer ones run the fp32 tiles on slices from DequantU4ToF32. Time of the
+// 16-bit tiles / the fp32 ones, SmolLM2's qkv, gate_up and down on 2 threads (bench_linear.py
+// --act8-ab, two builds alternating): M = 16 0.91-0.95, M = 32 0.99-1.03, M = 256 1.04-1.12.
+constexpr int64_t kU4Act16TileRows = 2;
+constexpr int64_t kU4Act16MaxRows = 32;
 
 // sum += products (vpaddw) as an opaque instruction. Written as _mm256_add_epi16, GCC
 // reassociates the adds of an unrolled group into trees of products that are all live at once
@@ -147,6 +156,37 @@ struct U4Group {
     return LoadHalves(group + kRows / 2 * kPanel + 2 * kPanel + 16 * v);
   }
 };
+
+// Dequantizes kc rows of a 4-bit panel into fp32 [kc][32], as DequantU8ToF32 does 8-bit ones: the
+// calls of more than kU4Act16MaxRows rows that do not take 8-bit activations run the fp32 tiles on
+// these slices.
+inline void DequantU4ToF32(const uint8_t* b, int64_t kc, float* out) {
+  constexpr int G = kS8Group;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m256 s[kVecs];
+  __m256 z[kVecs];
+  __m256i low[kVecs];
+  __m256i high[kVecs];
+  for (int64_t g0 = 0; g0 < kc; g0 += G, b += U4GroupBytes()) {
+    const uint8_t* scale = b + G / 2 * kPanel;
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) {
+      s[v] = LoadHalves(scale + 16 * v);
+      z[v] = LoadHalves(scale + 2 * kPanel + 16 * v);
+    }
+    for (int kp = 0; kp < G / 8; ++kp) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) {
+        const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kp * 4 * kPanel + 32 * v));
+        low[v] = LowNibbles(pair, nibble);
+        high[v] = HighNibbles(pair, nibble);
+      }
+      float* o = out + (g0 + 8 * kp) * kPanel;
+      StoreQuadDequant(low, s, z, o);  // quad 2 kp, then quad 2 kp + 1
+      StoreQuadDequant(high, s, z, o + 4 * kPanel);
+    }
+  }
+}
 
 // Quantizes row x (k elements, k % 32 == 0) per group of 32 to int8 q, k-quad j of the row going
 // to q_out[(j / 2) * 2m + j % 2] (the [K/8][M][2] layout of TileS8), with the step s_x and

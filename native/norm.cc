@@ -16,10 +16,7 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
+#include "attention_simd.h"
 #include "linear.h"
 #include "norm.h"
 #include "paddle/extension.h"
@@ -36,69 +33,70 @@ int ThreadsFor(int64_t elements, int num_threads) {
   return elements >= kMinParallelElements ? std::max(num_threads, 1) : 1;
 }
 
-#ifdef __AVX512F__
-inline __mmask16 TailMask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-}
+#ifdef FD_ATTENTION_TILED
+// Vector rows on the attention kernels' traits (AVX-512 or AVX2 + FMA, attention_simd.h), with
+// the last h % kLanes elements done one at a time: model widths are multiples of 16, so the tail
+// only runs in tests.
+using fd_attention_simd::Simd;
+constexpr int64_t kLanes = Simd::kLanes;
 
-// e^x for 16 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n * ln2 is exact),
-// e^r by its degree-6 Taylor polynomial (truncation error < 1.5e-7 relative), times 2^n by
-// vscalefps. Inputs are clamped to where e^x is a finite float; SiLU needs no more.
-inline __m512 Exp(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+inline float LaneSum(Simd::V v) {
+  alignas(64) float lanes[kLanes];
+  Simd::Store(lanes, v);
+  float sum = 0.f;
+  for (const float lane : lanes) sum += lane;
+  return sum;
 }
 
 void RmsNormRow(const float* x, const float* res, const float* w, int64_t h, float eps, float* out,
                 float* res_out) {
   // With a residual, v = x + residual is written to res_out first and read back from L1 for
   // the scaling pass; without one, v is x itself.
+  const int64_t body = h - h % kLanes;
   const float* v = x;
-  __m512 sum = _mm512_setzero_ps();
+  Simd::V sum = Simd::Zero();
+  float tail_sum = 0.f;
   if (res != nullptr) {
-    for (int64_t i = 0; i < h; i += 16) {
-      const __mmask16 m = TailMask(h - i);
-      const __m512 s = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, res + i));
-      _mm512_mask_storeu_ps(res_out + i, m, s);
-      sum = _mm512_fmadd_ps(s, s, sum);
+    for (int64_t i = 0; i < body; i += kLanes) {
+      const Simd::V s = Simd::Add(Simd::LoadU(x + i), Simd::LoadU(res + i));
+      Simd::StoreU(res_out + i, s);
+      sum = Simd::Fmadd(s, s, sum);
+    }
+    for (int64_t i = body; i < h; ++i) {
+      res_out[i] = x[i] + res[i];
+      tail_sum += res_out[i] * res_out[i];
     }
     v = res_out;
   } else {
-    for (int64_t i = 0; i < h; i += 16) {
-      const __m512 s = _mm512_maskz_loadu_ps(TailMask(h - i), x + i);
-      sum = _mm512_fmadd_ps(s, s, sum);
+    for (int64_t i = 0; i < body; i += kLanes) {
+      const Simd::V s = Simd::LoadU(x + i);
+      sum = Simd::Fmadd(s, s, sum);
     }
+    for (int64_t i = body; i < h; ++i) tail_sum += x[i] * x[i];
   }
-  const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(sum) / static_cast<float>(h) + eps);
-  const __m512 scale = _mm512_set1_ps(inv);
-  for (int64_t i = 0; i < h; i += 16) {
-    const __mmask16 m = TailMask(h - i);
-    const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, v + i), scale), _mm512_maskz_loadu_ps(m, w + i));
-    _mm512_mask_storeu_ps(out + i, m, y);
+  const float inv = 1.0f / std::sqrt((LaneSum(sum) + tail_sum) / static_cast<float>(h) + eps);
+  const Simd::V scale = Simd::Set1(inv);
+  for (int64_t i = 0; i < body; i += kLanes) {
+    Simd::StoreU(out + i, Simd::Mul(Simd::Mul(Simd::LoadU(v + i), scale), Simd::LoadU(w + i)));
   }
+  for (int64_t i = body; i < h; ++i) out[i] = v[i] * inv * w[i];
 }
 
+// silu(g) = g / (1 + e^-g). Simd::Exp flushes e^-g to 0 for g > 87 (silu = g there) and clamps
+// at e^88 below g = -88, where g / (1 + e^88) is -0 to within a float's reach either way.
 void SiluMulRow(const float* gate, const float* up, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = TailMask(n - i);
-    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
-    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), Exp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
+  const int64_t body = n - n % kLanes;
+  const Simd::V one = Simd::Set1(1.0f);
+  for (int64_t i = 0; i < body; i += kLanes) {
+    const Simd::V g = Simd::LoadU(gate + i);
+    const Simd::V e = Simd::Exp(Simd::Sub(Simd::Zero(), g));
+    Simd::StoreU(out + i, Simd::Mul(Simd::Div(g, Simd::Add(one, e)), Simd::LoadU(up + i)));
   }
+  for (int64_t i = body; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 #else
-// Portable versions (the build has no AVX-512): same arithmetic, one element at a time.
+// Portable versions (the build has neither AVX-512 nor AVX2 + FMA): same arithmetic, one element
+// at a time.
 void RmsNormRow(const float* x, const float* res, const float* w, int64_t h, float eps, float* out,
                 float* res_out) {
   float sum = 0.f;

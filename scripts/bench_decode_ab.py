@@ -14,7 +14,8 @@ runs beside it: it computes for 0.4 ms every 8 ms, as the tokenizer, detokenizer
 of a server wake per token. This is the situation the pool was written for (native/thread_pool.h).
 
 `act8`: as `kv` with the default KV cache, FASTDEPLOY_ACT8=0 (wint8 layers as 8-bit panels) against
-=1 (4-bit panels where the weights allow, as in the default GGUF: half the bytes a decode step reads).
+the default (4-bit panels where the weights allow, as in the default GGUF: half the bytes a decode
+step reads; a single row multiplies 16-bit activations either way).
 
 Settings alternate within each round, so drift of the machine hits both sides alike.
 """
@@ -86,7 +87,7 @@ def measure(mode: str, setting: str, context: int) -> float:
     if mode == "pool" and setting == "openmp":
         env["FASTDEPLOY_THREAD_POOL"] = "openmp"
     if mode == "act8":
-        env["FASTDEPLOY_ACT8"] = setting
+        env["FASTDEPLOY_ACT8"] = "" if setting == "default" else setting
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return float(proc.stdout.strip().splitlines()[-1])
 
@@ -105,7 +106,7 @@ def main() -> None:
         else:
             print(kv_child(args.setting if args.mode == "kv" else "auto", args.context))
         return
-    settings = {"kv": ["float32", "float16"], "pool": ["openmp", "pool"], "act8": ["0", "1"]}[args.mode]
+    settings = {"kv": ["float32", "float16"], "pool": ["openmp", "pool"], "act8": ["0", "default"]}[args.mode]
     results: dict[str, list[float]] = {s: [] for s in settings}
     for _ in range(args.rounds):
         for setting in settings:

@@ -19,15 +19,16 @@ the kernels serve calls of up to ``act16_max_rows()`` rows; this is the table th
 comes from (rows beyond it run the fp32 path either way).
 
 --act8-ab times, on weights shaped like a GGUF Q4_1 file's (4-bit codes per block of 32, fp16
-step and offset), the three ways wint8 can hold and multiply them, alternating, best of three
-each: 4-bit panels (AVX2 builds; 8-bit activations from 2 rows on, 16-bit below), 8-bit panels
-as with FASTDEPLOY_ACT8=0 (16-bit activations up to act16_max_rows, fp32 beyond), and 8-bit
-panels with fp32 activations (vnni=False).
+step and offset), the ways wint8 can hold and multiply them, alternating, best of three each:
+4-bit panels with the opt-in 8-bit activations (AVX2 builds, act8=True: from 2 rows on, 16-bit
+below), 4-bit panels as by default (16-bit activations up to act16_max_rows, fp32 on dequantized
+slices beyond), 8-bit panels as with FASTDEPLOY_ACT8=0 (the same split), and 8-bit panels with
+fp32 activations (vnni=False).
 
 --accuracy loads the default GGUF model (Q4_1 layers, Q8_0 embedding, dequantized to fp32) and
 reports, per mode, wint8 group size and activation path (fp32; bf16-rounded for vdpbf16ps;
-"int": the integer kernels, 16-bit, or 8-bit on the Q4_1 layers where the AVX2 build takes
-act8), the max abs error / max abs error relative to max |y| of the outputs of the
+"int": the default, 16-bit activations where the integer kernels take the call, fp32 beyond;
+"act8": the opt-in 8-bit activations on the Q4_1 layers of AVX2 builds), the max abs error / max abs error relative to max |y| of the outputs of the
 first and last layers' weights and the lm_head against fp32, on random activations (64 rows).
 """
 from __future__ import annotations
@@ -179,16 +180,18 @@ def eight_bit_panels(w: np.ndarray) -> L.LinearWeight:
 
 def act8_ab(rows: list[int], shapes: list[str], min_time: float) -> None:
     if L.act8_min_rows() == 0:
-        print(f"no 8-bit-activation kernel in this build ({L.native_isa()} kernels) or {L.ACT8_ENV}=0")
+        print(f"no 4-bit panels in this build ({L.native_isa()} kernels) or {L.ACT8_ENV}=0")
         return
     rng = np.random.default_rng(0)
     print(f"wint8 on Q4_1-shaped weights ({L.native_isa()} kernels, {L.native_num_threads()} threads); "
           "ms per call, best of 3")
-    print(f"{'shape':>8} {'M':>5} | {'act8':>8} {'act16':>8} {'fp32-act':>9} | act8/act16 act8/fp32-act")
+    print(f"{'shape':>8} {'M':>5} | {'act8':>8} {'4-bit':>8} {'8-bit':>8} {'fp32-act':>9} | "
+          "act8/4-bit 4-bit/8-bit act8/fp32-act")
     for name in shapes:
         k, n = SHAPES[name]
         w = q4_1_like(n, k, rng)
-        paths = {"act8": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0),
+        paths = {"act8": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0, act8=True),
+                 "u4": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0, act8=False),
                  "act16": eight_bit_panels(w),
                  "fp32": L.LinearWeight(w, None, "wint8", bf16_dot_min_rows=0, vnni=False)}
         for m in rows:
@@ -200,9 +203,9 @@ def act8_ab(rows: list[int], shapes: list[str], min_time: float) -> None:
             best = {key: min(v) for key, v in times.items()}
             note = "" if paths["act8"].uses_act8(m) else "  (act8 not taken at this M)"
             act16_note = "" if paths["act16"].uses_act16(m) else " (fp32-act)"
-            print(f"{name:>8} {m:>5} | {best['act8'] * 1e3:8.3f} {best['act16'] * 1e3:8.3f} {best['fp32'] * 1e3:9.3f} | "
-                  f"{best['act8'] / best['act16']:10.2f}{act16_note} {best['act8'] / best['fp32']:.2f}{note}",
-                  flush=True)
+            print(f"{name:>8} {m:>5} | {best['act8'] * 1e3:8.3f} {best['u4'] * 1e3:8.3f} {best['act16'] * 1e3:8.3f} "
+                  f"{best['fp32'] * 1e3:9.3f} | {best['act8'] / best['u4']:10.2f} {best['u4'] / best['act16']:11.2f}"
+                  f"{act16_note} {best['act8'] / best['fp32']:.2f}{note}", flush=True)
 
 
 def accuracy() -> None:
@@ -218,6 +221,7 @@ def accuracy() -> None:
         ("bf16/fp32-act", "bf16", dict(bf16_dot_min_rows=0)),
         ("bf16/bf16-act", "bf16", dict(bf16_dot_min_rows=1)),
         ("wint8-g32/int", "wint8", dict(group_size=32)),
+        ("wint8-g32/act8", "wint8", dict(group_size=32, act8=True)),
         ("wint8-g32/fp32-act", "wint8", dict(group_size=32, vnni=False, bf16_dot_min_rows=0)),
         ("wint8-g32/bf16-act", "wint8", dict(group_size=32, vnni=False, bf16_dot_min_rows=1)),
         ("wint8-g64/int", "wint8", dict(group_size=64)),

@@ -1,10 +1,13 @@
-"""wint8 layers as 4-bit panels with 8-bit activations (native/linear_s8.h, AVX2 builds).
+"""wint8 layers as 4-bit panels, with 16-bit or (opt-in) 8-bit activations (native/linear_s8.h,
+AVX2 builds).
 
 Weights whose groups lie on 16-level grids (GGUF Q4_1 blocks) are stored as 4-bit codes two to a
-byte, and calls of act8_min_rows() rows or more quantize x per row and group of 32 to int8 and sum
-the products exactly in integers (one row: 16-bit activations). numpy recomputes those activations
-bit for bit, so the kernels are checked against the float64 product of the operands they multiply,
-within fp32 rounding (the bounds of tests/test_linear.py).
+byte. Calls of up to four_bit_act16_max_rows() rows multiply 16-bit activations (tiles of two
+rows), longer ones fp32 activations on dequantized slices; in layers built with act8=True
+(FASTDEPLOY_ACT8=1), calls of act8_min_rows() rows on quantize x per row and group of 32 to int8
+instead. The integer kernels sum the products exactly. numpy recomputes those activations bit for
+bit, so the kernels are checked against the float64 product of the operands they multiply, within
+fp32 rounding (the bounds of tests/test_linear.py).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def act8(x: np.ndarray) -> np.ndarray:
 
 def needs_act8() -> None:
     if L.act8_min_rows() == 0:
-        pytest.skip("no 8-bit-activation kernel in this build (AVX-512 builds use vpdpbusd)")
+        pytest.skip("no 4-bit panels in this build (AVX-512 builds use vpdpbusd on 8-bit ones)")
 
 
 def run(layer: L.LinearWeight, x: np.ndarray) -> np.ndarray:
@@ -68,22 +71,26 @@ def test_4bit_grids_are_found_exactly():
     assert L.quantize_uint4_exact(w * np.float32(1.0 + 2.0 ** -13), 32) is None
 
 
+@pytest.mark.parametrize("with_act8", [False, True], ids=["act16", "act8"])
 @pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (96, 100), (4608, 72)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-def test_4bit_panels_match_their_math(shape):
-    """Against float64 of the activations each kernel multiplies and the 4-bit weights: int8 ones
-    from 2 rows on, 16-bit ones for a single row (TileVnniOnePass). 100 columns end in a partial
-    panel, K = 4608 spans two K blocks; 9 and 99 rows end in short row tiles, 200 span three M
-    blocks."""
+def test_4bit_panels_match_their_math(shape, with_act8):
+    """Against float64 of the activations each kernel multiplies and the 4-bit weights: 16-bit
+    ones up to four_bit_act16_max_rows (TileVnniOnePass, two-row tiles), fp32 ones beyond (slices
+    dequantized to fp32), or with act8 int8 ones from 2 rows on and 16-bit ones for a single row.
+    100 columns end in a partial panel, K = 4608 spans two K blocks; 9 and 99 rows end in short
+    row tiles, 200 span three M blocks."""
     needs_act8()
     k, n = shape
     w, bias = q4_weights(n, k, k + n)
-    layer = L.LinearWeight(w, bias, "wint8", backend=L.NATIVE)
-    assert layer.four_bit and layer.uses_act8(64) and not layer.uses_act8(1) and layer.uses_act16(1)
-    for m in (1, 2, 9, 64, 99, 200):
+    layer = L.LinearWeight(w, bias, "wint8", backend=L.NATIVE, act8=with_act8)
+    assert layer.four_bit and layer.uses_act8(64) == with_act8 and not layer.uses_act8(1)
+    top = L.four_bit_act16_max_rows()
+    assert layer.uses_act16(1) and not layer.uses_act16(top + 1) and layer.uses_act16(top) != with_act8
+    for m in (1, 2, 9, top, top + 1, 99, 200):
         x = activations(m, k).copy()
         x[:, 5] *= np.float32(30.0)  # an outlier channel, as real hidden states have
-        x_op = act8(x) if layer.uses_act8(m) else act16(x, 32)
+        x_op = act8(x) if layer.uses_act8(m) else act16(x, 32) if layer.uses_act16(m) else x
         got = run(layer, x)
         check_close(got, expected(x_op, w.astype(np.float64), bias), rounding_bound(x, w), f"M={m}")
 
@@ -118,7 +125,7 @@ def test_act8_error_vs_fp32_is_within_half_a_step():
     needs_act8()
     k, n, m = 576, 960, 48
     w, _ = q4_weights(n, k, 3)
-    layer = L.LinearWeight(w, None, "wint8", backend=L.NATIVE)
+    layer = L.LinearWeight(w, None, "wint8", backend=L.NATIVE, act8=True)
     x = activations(m, k)
     x_op = act8(x)
     step = np.repeat(np.abs(x.reshape(m, -1, 32)).max(axis=-1) / 127.0, 32, axis=1)
@@ -130,28 +137,34 @@ def test_act8_error_vs_fp32_is_within_half_a_step():
     assert np.abs(got - exact).max() / np.abs(exact).max() < 1e-2
 
 
-def test_zero_and_constant_rows():
+@pytest.mark.parametrize("with_act8", [False, True], ids=["act16", "act8"])
+def test_zero_and_constant_rows(with_act8):
     """A zero row (step 0) and a row of one repeated value quantize without dividing by zero."""
     needs_act8()
     k, n = 96, 40
     w, bias = q4_weights(n, k, 4)
-    layer = L.LinearWeight(w, bias, "wint8", backend=L.NATIVE)
+    layer = L.LinearWeight(w, bias, "wint8", backend=L.NATIVE, act8=with_act8)
     x = np.zeros((4, k), dtype=np.float32)
     x[1] = np.float32(-2.5)
     x[3, ::7] = np.float32(1e-30)
     got = run(layer, x)
-    check_close(got, expected(act8(x), w.astype(np.float64), bias), rounding_bound(x, w), "zero rows")
+    x_op = act8(x) if with_act8 else act16(x, 32)  # 4 rows: within four_bit_act16_max_rows
+    check_close(got, expected(x_op, w.astype(np.float64), bias), rounding_bound(x, w), "zero rows")
     np.testing.assert_allclose(got[0], bias, rtol=0, atol=1e-6)
 
 
-def test_act8_can_be_turned_off_and_8bit_codes_never_take_it(monkeypatch):
+def test_act8_is_opt_in_and_8bit_codes_never_take_it(monkeypatch):
     needs_act8()
     w, _ = q4_weights(40, 96, 5)
-    monkeypatch.setenv(L.ACT8_ENV, "0")
-    off = L.LinearWeight(w, None, "wint8", backend=L.NATIVE)
-    assert not off.four_bit and not off.uses_act8(64)
-    monkeypatch.delenv(L.ACT8_ENV)
+    monkeypatch.delenv(L.ACT8_ENV, raising=False)
+    default = L.LinearWeight(w, None, "wint8", backend=L.NATIVE)
+    assert default.four_bit and not default.uses_act8(64) and default.uses_act16(2)
+    monkeypatch.setenv(L.ACT8_ENV, "1")
+    assert L.LinearWeight(w, None, "wint8", backend=L.NATIVE).uses_act8(64)
+    assert not L.LinearWeight(w, None, "wint8", backend=L.NATIVE, act8=False).uses_act8(64)
     assert not L.LinearWeight(w, None, "wint8", backend=L.NATIVE, vnni=False).uses_act8(64)
     assert not L.LinearWeight(w, None, "wint8", backend=L.NATIVE, group_size=16).uses_act8(64)
     assert not L.LinearWeight(activations(40, 96), None, "wint8", backend=L.NATIVE).uses_act8(64)
-    assert L.LinearWeight(w, None, "wint8", backend=L.NATIVE).uses_act8(64)
+    monkeypatch.setenv(L.ACT8_ENV, "0")  # 8-bit panels: no 4-bit kernels at all
+    off = L.LinearWeight(w, None, "wint8", backend=L.NATIVE, act8=True)
+    assert not off.four_bit and not off.uses_act8(64)

@@ -27,17 +27,21 @@ extension builds and the CPU has AVX-512 or AVX2 + FMA, else the reference with 
   (``vpmaddwd``) for calls of up to :func:`act16_max_rows` rows, where skipping the int-to-float
   conversion of the weights pays. With AVX2, wint8 layers whose groups all lie on 16-level grids
   (GGUF Q4_1 sources; :func:`quantize_uint4_exact`) are stored as 4-bit panels (two codes per
-  byte, half scales: :func:`pack_uint4`, half the bytes a decode step streams), and calls of
-  :func:`act8_min_rows` (2) rows or more multiply 8-bit activations (one step per row and group
-  of 32: llama.cpp's Q8_1 grid, up to 1/254 of the group's largest activation off) with
-  ``vpmaddubsw``: 1.2-2.4x the speed of the fp32-activation path, and from 4 rows on 1.1-1.7x
-  the 16-bit kernel's (``scripts/bench_linear.py --act8-ab``; ``native/linear_s8.h``;
-  ``FASTDEPLOY_ACT8=0`` turns both off). fp32 and bf16 weights (and wint8 beyond those rows, or with
-  ``vnni=False``) stream the weights with fp32 activations at few
-  rows; from ``bf16_dot_min_rows`` rows on, bf16 and 8-bit weights multiply bf16-rounded
-  activations with AVX512-BF16 (``vdpbf16ps``), twice as fast as fp32 once the GEMM is
-  compute-bound, but only as exact as bf16 (max logit error ~0.9 on SmolLM2, against ~0.0002 for
-  wint8 through VNNI).
+  byte, half scales: :func:`pack_uint4`, half the bytes a decode step streams): calls of up to
+  :func:`four_bit_act16_max_rows` (32) rows multiply 16-bit activations (``vpmaddwd``, tiles of
+  two rows), longer ones run the fp32 tiles on slices dequantized from the codes. Opt-in
+  (``FASTDEPLOY_ACT8=1``, or ``act8=True``): calls of :func:`act8_min_rows` (2) rows or more
+  multiply 8-bit activations instead (one step per row and group of 32: llama.cpp's Q8_1 grid, up
+  to 1/254 of the group's largest activation off) with ``vpmaddubsw`` (``native/linear_s8.h``):
+  0.54-0.79x the time per layer (``scripts/bench_linear.py --act8-ab``), but its error breaks
+  wint8's precision rule (greedy output equal to fp32 wherever fp32's top-2 logit gap exceeds
+  0.25): on SmolLM2 it cost top-2 margins up to 0.78 (``scripts/precision_margins.py``), the
+  16-bit kernels 0.000, so it is not the default. ``FASTDEPLOY_ACT8=0`` keeps the layers in 8-bit
+  panels. fp32 and bf16 weights (and wint8 8-bit panels beyond act16_max_rows rows, or with
+  ``vnni=False``) stream the weights with fp32 activations at few rows; from
+  ``bf16_dot_min_rows`` rows on, bf16 and 8-bit weights multiply bf16-rounded activations with
+  AVX512-BF16 (``vdpbf16ps``), twice as fast as fp32 once the GEMM is compute-bound, but only as
+  exact as bf16 (max logit error ~0.9 on SmolLM2, against ~0.0002 for wint8 through VNNI).
 - reference: plain Paddle on any device: dequantize to fp32 and ``paddle.matmul``.
 
 ``FASTDEPLOY_REQUIRE_NATIVE=1`` turns a failed native build into an error instead of a fallback.
@@ -87,8 +91,8 @@ GEMM is compute-bound, and vdpbf16ps multiplies twice as fast as fp32 FMA."""
 _FORMAT_CODE = {"none": 0, "bf16": 1, "wint8": 2}
 VNNI_GROUPS = (16, 32, 64, 128)
 """wint8 group sizes the VNNI kernel is compiled for (VnniGroupOk in native/linear.cc)."""
-ACT8_GROUP = 32
-"""The one group of 4-bit panels and their 8-bit-activation kernel (kS8Group in native/linear_s8.h)."""
+FOUR_BIT_GROUP = 32
+"""The one group of 4-bit panels and their kernels (kS8Group in native/linear_s8.h)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,12 +108,13 @@ def native_ops() -> ModuleType:
     return native_build.native_ops()
 
 
-def _probe_caps() -> tuple[int, int, int, int]:
+def _probe_caps() -> tuple[int, int, int, int, int]:
     """fd_linear_caps as built: (vector bits of the kernels: 512, 256 or 0; bf16 dot; the most rows
-    a wint8 call multiplies 16-bit activations for, 0 = never; the fewest rows a call on 4-bit
-    codes multiplies 8-bit activations for, 0 = never)."""
+    a wint8 call on 8-bit panels multiplies 16-bit activations for, 0 = never; the fewest rows a
+    call on 4-bit panels multiplies 8-bit activations for when asked to, 0 = no 4-bit panels; the
+    most rows such a call multiplies 16-bit activations for otherwise)."""
     caps = native_ops().fd_linear_caps(paddle.zeros([1], dtype="float32")).numpy()
-    return int(caps[0]), int(caps[1]), int(caps[2]), int(caps[3])
+    return int(caps[0]), int(caps[1]), int(caps[2]), int(caps[3]), int(caps[4])
 
 
 @functools.cache
@@ -117,7 +122,7 @@ def native_caps() -> tuple[bool, bool, bool]:
     """(fd_linear kernels built: AVX-512 or AVX2 + FMA; vdpbf16ps kernels, AVX-512 only;
     16-bit-activation kernels: vpdpbusd with AVX512-VNNI, vpmaddwd with AVX2). Raises
     NativeBuildError if the extension cannot be built."""
-    kernels, bf16_dot, act16_rows, _ = _probe_caps()
+    kernels, bf16_dot, act16_rows, _, _ = _probe_caps()
     return bool(kernels), bool(bf16_dot), bool(act16_rows)
 
 
@@ -128,19 +133,40 @@ def act16_max_rows() -> int:
     return _probe_caps()[2]
 
 
+def _act8_setting() -> str:
+    return os.environ.get(ACT8_ENV, "").strip()
+
+
+def act8_default() -> bool:
+    """Whether wint8 layers on 4-bit panels multiply 8-bit activations unless told otherwise:
+    only with ``FASTDEPLOY_ACT8=1`` (opt-in; see the module docstring)."""
+    return _act8_setting() == "1"
+
+
+def four_bit_panels() -> bool:
+    """Whether wint8 layers on 16-level grids may be stored as 4-bit panels: the AVX2 build has
+    their kernels, and ``FASTDEPLOY_ACT8`` is not ``0`` (which keeps them in 8-bit panels)."""
+    return _act8_setting() != "0" and _act8_kernel_rows() > 0
+
+
 def act8_min_rows() -> int:
-    """The fewest rows for which a wint8 call on 4-bit panels multiplies 8-bit activations (2 in
-    AVX2 builds, where a single row takes a 16-bit kernel, which streams the weights once), 0
-    when the kernel is not built or ``FASTDEPLOY_ACT8`` is ``0`` (then no layer is packed as
-    4-bit panels)."""
-    if os.environ.get(ACT8_ENV, "1").strip() == "0":
-        return 0
-    return _act8_kernel_rows()
+    """The fewest rows for which a wint8 call on 4-bit panels multiplies 8-bit activations when
+    they are asked for (2 in AVX2 builds, where a single row takes a 16-bit kernel, which streams
+    the weights once), 0 when 4-bit panels are off or their kernels not built."""
+    return _act8_kernel_rows() if four_bit_panels() else 0
 
 
 @functools.cache
 def _act8_kernel_rows() -> int:
     return _probe_caps()[3]
+
+
+@functools.cache
+def four_bit_act16_max_rows() -> int:
+    """The most rows a call on 4-bit panels multiplies 16-bit activations for (two-row tiles) when
+    it does not take 8-bit ones; longer calls run the fp32 tiles on dequantized slices. 0 when
+    4-bit panels are not built."""
+    return _probe_caps()[4]
 
 
 def native_isa() -> str:
@@ -377,12 +403,14 @@ class LinearWeight:
     wint8 group along K; ``vnni`` lets wint8 use the 16-bit-activation kernels (where they are
     built and the group is one of VNNI_GROUPS; with AVX2 only for calls of few rows);
     ``bf16_dot_min_rows`` (0 = never) is where the other bf16/8-bit paths switch to bf16
-    activations on the native backend.
+    activations on the native backend; ``act8`` lets a layer on 4-bit panels multiply 8-bit
+    activations (None: :func:`act8_default`).
     """
 
     def __init__(self, w_out_in: np.ndarray | Grid4, bias: np.ndarray | None = None, quant: str = "none", *,
                  backend: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
-                 bf16_dot_min_rows: int = DEFAULT_BF16_DOT_MIN_ROWS, vnni: bool = True) -> None:
+                 bf16_dot_min_rows: int = DEFAULT_BF16_DOT_MIN_ROWS, vnni: bool = True,
+                 act8: bool | None = None) -> None:
         if quant not in QUANT_MODES:
             raise ValueError(f"quant={quant!r}: expected one of {QUANT_MODES}")
         w = w_out_in if isinstance(w_out_in, Grid4) else np.asarray(w_out_in, dtype=np.float32)
@@ -394,6 +422,7 @@ class LinearWeight:
         self.group_size = pick_group_size(self.in_features, group_size) if quant == "wint8" else 0
         self.bf16_dot_min_rows = int(bf16_dot_min_rows)
         self.vnni_requested = bool(vnni)
+        self.act8_requested = act8_default() if act8 is None else bool(act8)
         if bias is not None:
             bias = np.asarray(bias, dtype=np.float32).reshape(-1)
             if bias.shape[0] != self.out_features:
@@ -439,14 +468,16 @@ class LinearWeight:
         _, has_bf16_dot, has_vnni = native_caps()
         self._dot_rows = self.bf16_dot_min_rows if has_bf16_dot else 0
         self._vnni = int(self.vnni_requested and has_vnni and self.quant == "wint8" and self.group_size in VNNI_GROUPS)
+        if self._nibbles and self.act8_requested:
+            self._vnni = 2  # the op's "8-bit activations allowed" (native/linear.h)
         self._threads = _num_threads()
         self._op = native_ops().fd_linear  # looked up once: load_extension takes a lock
 
     def _pack_wint8(self, w: np.ndarray | Grid4) -> np.ndarray:
-        """4-bit panels where the weights lie on 16-level grids and the 8-bit-activation kernel may
-        run, 8-bit panels otherwise."""
+        """4-bit panels where the weights lie on 16-level grids and their kernels are built (and not
+        turned off), 8-bit panels otherwise."""
         four_bit = None
-        if self._may_use_act8():
+        if self.vnni_requested and self.group_size == FOUR_BIT_GROUP and four_bit_panels():
             if isinstance(w, Grid4) and self.group_size == GRID4_GROUP:
                 four_bit = tuple(w)
             else:
@@ -455,9 +486,6 @@ class LinearWeight:
             self._nibbles = True
             return pack_uint4(*four_bit)  # the op knows it by its size
         return pack_uint8(*quantize_uint8(as_float32(w), self.group_size))
-
-    def _may_use_act8(self) -> bool:
-        return self.vnni_requested and self.group_size == ACT8_GROUP and act8_min_rows() > 0
 
     def _init_reference(self, w: np.ndarray) -> None:
         if self.quant == "none":
@@ -523,21 +551,22 @@ class LinearWeight:
 
     @property
     def four_bit(self) -> bool:
-        """Whether the layer is stored as 4-bit panels (:func:`pack_uint4`), whose calls all run
-        integer kernels: 8-bit activations from :func:`act8_min_rows` rows on, 16-bit below."""
+        """Whether the layer is stored as 4-bit panels (:func:`pack_uint4`): 16-bit activations
+        up to four_bit_act16_max_rows rows, fp32 beyond, or 8-bit ones where :meth:`uses_act8`."""
         return self._packed is not None and self._nibbles
 
     def uses_act16(self, rows: int) -> bool:
         """Whether a call with this many rows multiplies 16-bit activations (uses_vnni, and rows
-        within what the CPU's kernels take: :func:`act16_max_rows`, unless :meth:`uses_act8`)."""
+        within what the CPU's kernels take: :func:`act16_max_rows`, or on 4-bit panels
+        :func:`four_bit_act16_max_rows` unless :meth:`uses_act8`)."""
         if self.four_bit:
-            return not self.uses_act8(rows)
+            return rows <= four_bit_act16_max_rows() and not self.uses_act8(rows)
         return self.uses_vnni and rows <= act16_max_rows()
 
     def uses_act8(self, rows: int) -> bool:
         """Whether a call with this many rows multiplies 8-bit activations: 4-bit panels (see
-        :func:`quantize_uint4_exact`) and at least the kernel's fewest rows."""
-        return self.four_bit and rows >= _act8_kernel_rows()
+        :func:`quantize_uint4_exact`), asked for (``act8``), and at least the kernel's fewest rows."""
+        return self.four_bit and self._vnni == 2 and rows >= _act8_kernel_rows()
 
     @property
     def weight_bytes(self) -> int:
