@@ -10,7 +10,7 @@ import paddle
 
 from fastdeploy.config import KV_CACHE_DTYPES, CacheConfig
 from fastdeploy.model_executor.forward_batch import ForwardBatch
-from fastdeploy.model_executor.layers.linear import linear_backend_name
+from fastdeploy.model_executor.layers.linear import act8_default, act8_min_rows, linear_backend_name
 from fastdeploy.model_executor.loader import load_model_weights
 from fastdeploy.model_executor.loader.gguf_loader import WINT8_EXACT_TYPES, matrix_types
 from fastdeploy.model_executor.model_config import ModelArchConfig
@@ -35,8 +35,9 @@ def resolve_quantization(model_path: str, requested: str | None) -> str:
     """The linear layers' weight format: `requested`, or when it is None (auto) ``wint8`` for a GGUF
     file whose matrices are all in block types wint8 holds exactly (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0), if
     the native kernels run here, and ``none`` (fp32) otherwise. The quantized file's weights are
-    then kept at 8 bits instead of being widened to fp32: the same values, a quarter of the bytes to
-    stream per decode step (2.3x faster at batch 1 on the AVX2 machine)."""
+    then kept quantized instead of being widened to fp32 (4-bit codes for Q4 blocks in AVX2 builds,
+    8-bit ones otherwise): the same values, a quarter of the bytes or less to stream per decode step
+    (2.3x faster at batch 1 on the AVX2 machine with 8-bit codes)."""
     if requested is not None:
         return requested
     if not Path(model_path).is_file():
@@ -69,6 +70,10 @@ class ModelRunner:
                  kv_cache_dtype: str | None = None) -> None:
         paddle.set_device(os.environ.get("FASTDEPLOY_DEVICE", paddle.device.get_device()))
         quantization = resolve_quantization(model_path, quantization)
+        if quantization == "wint8" and act8_default() and act8_min_rows() > 0:
+            logger.warning("FASTDEPLOY_ACT8=1: wint8 layers on 4-bit codes multiply 8-bit activations "
+                           "(llama.cpp's Q8_1 arithmetic). Faster, but greedy output may leave fp32's where "
+                           "its top-2 logit gap is below ~1 (scripts/precision_margins.py)")
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         # wint8 layers take a GGUF's Q4_1 matrices as their 4-bit codes (layers/grid4.py).
         cfg, weights = load_model_weights(model_path, keep_grids=quantization == "wint8")
