@@ -23,6 +23,12 @@ inline __m128 HorizontalSums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   const __m256 t2 = _mm256_hadd_ps(t0, t1);  // per half: the quad sums of a0, a1, a2, a3
   return _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1));
 }
+
+// The largest of the 4 lanes of x.
+inline float MaxLane4(__m128 x) {
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
 #endif
 
 // e^r for r = x - n ln2 (|r| <= ln2/2): ln2 is split in two so n ln2 is subtracted exactly enough,
@@ -68,6 +74,7 @@ struct Simd {
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static __m128 Sum4(V a0, V a1, V a2, V a3) { return HorizontalSums(Fold(a0), Fold(a1), Fold(a2), Fold(a3)); }
+  static float MaxLane(V x) { return _mm512_reduce_max_ps(x); }
   // The two 256-bit halves added (AVX512F only: no DQ extract).
   static __m256 Fold(V x) {
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
@@ -105,8 +112,8 @@ struct Simd {
   static constexpr int kLanes = 8;
   // 16 ymm: 4 rows x 2 chunks of accumulators + 2 values + 1 broadcast weight, no spills.
   static constexpr int kMaxChunks = 2;
-  // Narrow kernel: 3 rows x 3 chunks of accumulators + 3 values + 1 broadcast weight.
-  static constexpr int kNarrowChunks = 3;
+  // Narrow kernel: 3 rows x 4 chunks of accumulators + 3 broadcast weights + 1 value.
+  static constexpr int kNarrowChunks = 4;
 
   static V Zero() { return _mm256_setzero_ps(); }
   static V Set1(float x) { return _mm256_set1_ps(x); }
@@ -125,6 +132,7 @@ struct Simd {
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static __m128 Sum4(V a0, V a1, V a2, V a3) { return HorizontalSums(a0, a1, a2, a3); }
+  static float MaxLane(V x) { return MaxLane4(_mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1))); }
 
   static V MaskFuture(V scores, int32_t key_pos, const int32_t* qpos) {
     const __m256i qpos_v = _mm256_load_si256(reinterpret_cast<const __m256i*>(qpos));
