@@ -10,14 +10,14 @@
 // live in the lanes of one vector register, so one key row is broadcast against all rows at once:
 // scores need no horizontal reductions, the K/V rows are read once per tile for the whole GQA
 // group, and the online softmax (running max, running sum, rescaled accumulator) is lane-wise.
-// Keys are visited 16 at a time in position order; causality is a lane mask. Single-token tiles of
+// Keys are visited kKeyTile at a time in position order; causality is a lane mask. Single-token tiles of
 // up to three rows (decode) take the narrow kernel instead, with lanes along head_dim (see
 // AttendNarrowTile).
 //
 // The caches hold float32, float16 or int8 rows (kv_types.h); all arithmetic is fp32. The narrow
 // kernel widens float16 and int8 chunks in registers as it loads them and applies an int8 row's step
 // to its dot product and to its probability; the wide kernel, which broadcasts single key elements,
-// widens (and scales) each step's 16 rows once into a staging buffer (NextRowsF32).
+// widens (and scales) each step's rows once into a staging buffer (NextRowsF32).
 
 #include <algorithm>
 #include <cmath>
@@ -48,18 +48,40 @@ constexpr int kLanes = Simd::kLanes;  // rows per tile: one register of fp32
 constexpr int kKeyTile = 32;          // keys per online-softmax step (16 took 1.06-1.1x the time)
 constexpr int64_t kMinParallelKeyVisits = 2048;
 
+// A tile is a run of one kv head's query rows of one sequence. The rows are flattened as
+// (query token relative to the sequence's first query) * group + (query head within the group), so
+// a tile of kLanes rows fills every lane whatever the group size (GQA groups of 3 left a quarter of
+// 8 lanes idle when tiles held whole groups).
 struct Tile {
   int32_t seq;
   int32_t kv_head;
-  int32_t tok_begin;   // first query of the tile, relative to the sequence's first query
-  int32_t tok_count;
-  int32_t head_begin;  // first query head of the tile, relative to the kv head's group
-  int32_t head_count;
-  int64_t cost;        // keys visited, for scheduling the long tiles first
+  int32_t row_begin;
+  int32_t row_count;
+  int64_t cost;  // keys visited, for scheduling the long tiles first
 };
 
-// Walks one sequence's positions in order, 16 at a time, yielding the cache offset (in floats) of
-// each position's row for one kv head; tracks block and offset incrementally (no divisions).
+// The query token (index into p.query) and head of a tile's row r, and the token's offset from the
+// sequence's first query.
+struct RowPlace {
+  int64_t token;
+  int64_t head;
+  int64_t tok_rel;
+};
+
+inline RowPlace PlaceOf(const Problem& p, const Tile& tile, int r) {
+  const int64_t group = p.group();
+  const int64_t row = tile.row_begin + r;
+  const int64_t tok_rel = row / group;
+  return {p.query_start_loc[tile.seq] + tok_rel, tile.kv_head * group + row % group, tok_rel};
+}
+
+// Position of the sequence's first query in this step (its earlier tokens are cached).
+inline int64_t FirstQueryPos(const Problem& p, int64_t seq) {
+  return p.context_lens[seq] - (p.query_start_loc[seq + 1] - p.query_start_loc[seq]);
+}
+
+// Walks one sequence's positions in order, kKeyTile at a time, yielding the cache offset (in
+// floats) of each position's row for one kv head; tracks block and offset incrementally (no divisions).
 class KeyCursor {
  public:
   KeyCursor(const Problem& p, int64_t seq, int64_t kv_head)
@@ -158,41 +180,32 @@ void UpdateAllOutputs(float* o, int64_t head_dim, int rows, const float* alpha, 
 // Transposes the tile's queries into qt [head_dim][kLanes], pre-scaled, and records each row's
 // position. Unused lanes are zero and have position -1 (fully masked whenever masking applies;
 // their results are never stored either way).
-void LoadTileQueries(const Problem& p, const Tile& tile, int64_t first_pos, float* qt, int32_t* qpos) {
+void LoadTileQueries(const Problem& p, const Tile& tile, float* qt, int32_t* qpos) {
   const int64_t d_len = p.head_dim;
-  const int64_t q_begin = p.query_start_loc[tile.seq];
+  const int64_t first_pos = FirstQueryPos(p, tile.seq);
   std::fill(qt, qt + d_len * kLanes, 0.f);
   std::fill(qpos, qpos + kLanes, -1);
-  for (int t = 0; t < tile.tok_count; ++t) {
-    const int64_t token = q_begin + tile.tok_begin + t;
-    for (int h = 0; h < tile.head_count; ++h) {
-      const int r = t * tile.head_count + h;
-      const int64_t head = tile.kv_head * p.group() + tile.head_begin + h;
-      const float* q = p.query + (token * p.num_heads + head) * d_len;
-      for (int64_t d = 0; d < d_len; ++d) qt[d * kLanes + r] = q[d] * p.scale;
-      qpos[r] = static_cast<int32_t>(first_pos + t);
-    }
+  for (int r = 0; r < tile.row_count; ++r) {
+    const RowPlace at = PlaceOf(p, tile, r);
+    const float* q = p.query + (at.token * p.num_heads + at.head) * d_len;
+    for (int64_t d = 0; d < d_len; ++d) qt[d * kLanes + r] = q[d] * p.scale;
+    qpos[r] = static_cast<int32_t>(first_pos + at.tok_rel);
   }
 }
 
 // Divides each row's accumulator by its softmax sum and writes it to the output.
 void StoreTileOutputs(const Problem& p, const Tile& tile, const float* o, const float* sums) {
   const int64_t d_len = p.head_dim;
-  const int64_t q_begin = p.query_start_loc[tile.seq];
-  for (int t = 0; t < tile.tok_count; ++t) {
-    const int64_t token = q_begin + tile.tok_begin + t;
-    for (int h = 0; h < tile.head_count; ++h) {
-      const int r = t * tile.head_count + h;
-      const int64_t head = tile.kv_head * p.group() + tile.head_begin + h;
-      float* dst = p.out + (token * p.num_heads + head) * d_len;
-      const Vec inv = Simd::Set1(1.f / sums[r]);
-      for (int64_t c = 0; c < d_len; c += kLanes) Simd::StoreU(dst + c, Simd::Mul(Simd::Load(o + r * d_len + c), inv));
-    }
+  for (int r = 0; r < tile.row_count; ++r) {
+    const RowPlace at = PlaceOf(p, tile, r);
+    float* dst = p.out + (at.token * p.num_heads + at.head) * d_len;
+    const Vec inv = Simd::Set1(1.f / sums[r]);
+    for (int64_t c = 0; c < d_len; c += kLanes) Simd::StoreU(dst + c, Simd::Mul(Simd::Load(o + r * d_len + c), inv));
   }
 }
 
 // Decode-like tiles (few rows) stream the context from DRAM once with little math per key:
-// prefetching the next 16 rows of K and V while this tile computes hides the latency of the
+// prefetching the next step's rows of K and V while this tile computes hides the latency of the
 // scattered blocks. Wide (prefill) tiles are compute-bound and reread K/V from L2 instead.
 template <typename T>
 void PrefetchRows(const Problem& p, const int64_t* offsets, int count) {
@@ -285,17 +298,16 @@ int NextRowsF32(KeyRows<T>& rows, int64_t head_dim, float* stage, const float** 
 template <typename T>
 void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o, float* stage) {
   const int64_t d_len = p.head_dim;
-  const int64_t q_len = p.query_start_loc[tile.seq + 1] - p.query_start_loc[tile.seq];
-  const int64_t first_pos = p.context_lens[tile.seq] - q_len + tile.tok_begin;
-  const int rows = tile.tok_count * tile.head_count;
+  const int rows = tile.row_count;
   alignas(64) int32_t qpos[kLanes];
-  LoadTileQueries(p, tile, first_pos, qt, qpos);
+  LoadTileQueries(p, tile, qt, qpos);
+  const int64_t first_pos = qpos[0];  // the tile's first row has its earliest position
   std::fill(o, o + kLanes * d_len, 0.f);
 
   const Vec neg_inf = Simd::Set1(-std::numeric_limits<float>::infinity());
   Vec run_max = neg_inf;
   Vec run_sum = Simd::Zero();
-  const int64_t num_keys = first_pos + tile.tok_count;  // last query's position + 1
+  const int64_t num_keys = qpos[rows - 1] + 1;  // the last row's position + 1
 
   alignas(64) float probs[kKeyTile][kLanes];
   alignas(64) float alpha[kLanes];
@@ -439,13 +451,11 @@ void UpdateAllNarrow(float* o, int64_t head_dim, const float* alpha, const float
 template <int R, typename T>
 void AttendNarrowTile(const Problem& p, const Tile& tile, float* qbuf, float* o) {
   const int64_t d_len = p.head_dim;
-  const int64_t q_len = p.query_start_loc[tile.seq + 1] - p.query_start_loc[tile.seq];
-  const int64_t token = p.query_start_loc[tile.seq] + tile.tok_begin;
-  const int64_t num_keys = p.context_lens[tile.seq] - q_len + tile.tok_begin + 1;
+  const RowPlace first = PlaceOf(p, tile, 0);  // all R rows are heads of this token
+  const int64_t num_keys = FirstQueryPos(p, tile.seq) + first.tok_rel + 1;
   const float* q[R];
   for (int h = 0; h < R; ++h) {
-    const int64_t head = tile.kv_head * p.group() + tile.head_begin + h;
-    const float* src = p.query + (token * p.num_heads + head) * d_len;
+    const float* src = p.query + (first.token * p.num_heads + first.head + h) * d_len;
     float* dst = qbuf + h * d_len;
     for (int64_t d = 0; d < d_len; ++d) dst[d] = src[d] * p.scale;
     q[h] = dst;
@@ -471,8 +481,7 @@ void AttendNarrowTile(const Problem& p, const Tile& tile, float* qbuf, float* o)
   }
 
   for (int h = 0; h < R; ++h) {
-    const int64_t head = tile.kv_head * p.group() + tile.head_begin + h;
-    float* dst = p.out + (token * p.num_heads + head) * d_len;
+    float* dst = p.out + (first.token * p.num_heads + first.head + h) * d_len;
     const Vec inv = Simd::Set1(1.f / run_sum[h]);
     for (int64_t c = 0; c < d_len; c += kLanes) Simd::StoreU(dst + c, Simd::Mul(Simd::Load(o + h * d_len + c), inv));
   }
@@ -481,8 +490,10 @@ void AttendNarrowTile(const Problem& p, const Tile& tile, float* qbuf, float* o)
 // A tile by the kernel that suits it, over a cache of element type T.
 template <typename T>
 void AttendAnyTile(const Problem& p, const Tile& tile, float* qt, float* o, float* stage) {
-  if (tile.tok_count == 1 && tile.head_count <= kMaxNarrowRows) {
-    switch (tile.head_count) {
+  const int64_t group = p.group();
+  const bool one_token = tile.row_begin / group == (tile.row_begin + tile.row_count - 1) / group;
+  if (one_token && tile.row_count <= kMaxNarrowRows) {
+    switch (tile.row_count) {
       case 1: AttendNarrowTile<1, T>(p, tile, qt, o); return;
       case 2: AttendNarrowTile<2, T>(p, tile, qt, o); return;
       case 3: AttendNarrowTile<3, T>(p, tile, qt, o); return;
@@ -494,28 +505,24 @@ void AttendAnyTile(const Problem& p, const Tile& tile, float* qt, float* o, floa
 
 std::vector<Tile> MakeTiles(const Problem& p) {
   const int64_t group = p.group();
-  // A tile holds whole GQA groups of as many tokens as fit in kLanes lanes; a group wider than
-  // kLanes heads is split into kLanes-head slices of one token.
-  const int64_t heads_per_tile = std::min<int64_t>(group, kLanes);
-  const int64_t tokens_per_tile = std::max<int64_t>(1, kLanes / group);
   std::vector<Tile> tiles;
+  auto add = [&](int64_t seq, int64_t kv_head, int64_t row_begin, int64_t row_count) {
+    const int64_t last_tok_rel = (row_begin + row_count - 1) / group;
+    tiles.push_back(Tile{static_cast<int32_t>(seq), static_cast<int32_t>(kv_head), static_cast<int32_t>(row_begin),
+                         static_cast<int32_t>(row_count), FirstQueryPos(p, seq) + last_tok_rel + 1});
+  };
   for (int64_t s = 0; s < p.num_seqs; ++s) {
     const int64_t q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
-    const int64_t first_pos = p.context_lens[s] - q_len;
-    for (int64_t t0 = 0; t0 < q_len; t0 += tokens_per_tile) {
-      const int64_t nt = std::min(tokens_per_tile, q_len - t0);
-      for (int64_t kvh = 0; kvh < p.num_kv_heads; ++kvh) {
-        for (int64_t h0 = 0; h0 < group; h0 += heads_per_tile) {
-          Tile tile;
-          tile.seq = static_cast<int32_t>(s);
-          tile.kv_head = static_cast<int32_t>(kvh);
-          tile.tok_begin = static_cast<int32_t>(t0);
-          tile.tok_count = static_cast<int32_t>(nt);
-          tile.head_begin = static_cast<int32_t>(h0);
-          tile.head_count = static_cast<int32_t>(std::min(heads_per_tile, group - h0));
-          tile.cost = first_pos + t0 + nt;
-          tiles.push_back(tile);
+    const int64_t total_rows = q_len * group;
+    for (int64_t kvh = 0; kvh < p.num_kv_heads; ++kvh) {
+      if (q_len == 1 || group > kLanes) {
+        // One token's group per tile (a decode token's group is the narrow kernel's shape), in
+        // kLanes-head slices where the group is wider than a register.
+        for (int64_t t = 0; t < q_len; ++t) {
+          for (int64_t h0 = 0; h0 < group; h0 += kLanes) add(s, kvh, t * group + h0, std::min<int64_t>(kLanes, group - h0));
         }
+      } else {
+        for (int64_t r0 = 0; r0 < total_rows; r0 += kLanes) add(s, kvh, r0, std::min<int64_t>(kLanes, total_rows - r0));
       }
     }
   }

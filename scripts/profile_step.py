@@ -115,9 +115,12 @@ def main() -> None:
     if args.split:
         time_ops(llm.engine.runner.model, totals, phase)
     rng = np.random.default_rng(0)
+    # Two extra prompts for the warm-up: warming up on measured ones would leave their prefill to
+    # the prefix cache.
     prompts = [{"prompt_token_ids": rng.integers(100, 40000, args.prompt_len).tolist()}
-               for _ in range(args.prompts)]
-    llm.generate(prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+               for _ in range(args.prompts + 2)]
+    warmup, prompts = prompts[:2], prompts[2:]
+    llm.generate(warmup, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
     totals.clear()  # the warm-up above built the kernels' scratch buffers and thread pool
     start = time.perf_counter()
     llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True),
