@@ -24,6 +24,12 @@ inline __m128 HorizontalSums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1));
 }
 
+// The sum of the 4 lanes of x.
+inline float SumLane4(__m128 x) {
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+
 // The largest of the 4 lanes of x.
 inline float MaxLane4(__m128 x) {
   x = _mm_max_ps(x, _mm_movehl_ps(x, x));
@@ -75,6 +81,7 @@ struct Simd {
   static V Fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static __m128 Sum4(V a0, V a1, V a2, V a3) { return HorizontalSums(Fold(a0), Fold(a1), Fold(a2), Fold(a3)); }
   static float MaxLane(V x) { return _mm512_reduce_max_ps(x); }
+  static float SumLane(V x) { return _mm512_reduce_add_ps(x); }
   // The two 256-bit halves added (AVX512F only: no DQ extract).
   static __m256 Fold(V x) {
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
@@ -133,6 +140,7 @@ struct Simd {
   static V Fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static __m128 Sum4(V a0, V a1, V a2, V a3) { return HorizontalSums(a0, a1, a2, a3); }
   static float MaxLane(V x) { return MaxLane4(_mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1))); }
+  static float SumLane(V x) { return SumLane4(_mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1))); }
 
   static V MaskFuture(V scores, int32_t key_pos, const int32_t* qpos) {
     const __m256i qpos_v = _mm256_load_si256(reinterpret_cast<const __m256i*>(qpos));

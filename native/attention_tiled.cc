@@ -397,10 +397,7 @@ inline void SoftmaxStepNarrow(float (*scores)[kKeyTile], int nk, float* run_max,
       Simd::Store(&probs[h][j], e);
       sum = Simd::Add(sum, e);
     }
-    alignas(64) float lanes[kLanes];
-    Simd::Store(lanes, sum);
-    float block_sum = 0.f;
-    for (int l = 0; l < kLanes; ++l) block_sum += lanes[l];
+    const float block_sum = Simd::SumLane(sum);
     // 0 on the first step (run_max = -inf). Past the first few steps the max rarely moves, and
     // the scalar exp per row and step was ~1 % of a 32-stream decode step.
     alpha[h] = new_max == run_max[h] ? 1.f : std::exp(run_max[h] - new_max);
