@@ -8,10 +8,10 @@
 // The vector path (AVX-512 or AVX2) works on tiles: one sequence, one kv head and up to kLanes
 // (16 or 8) "rows", a row being a (query token, query head of that kv head's group) pair. Rows
 // live in the lanes of one vector register, so one key row is broadcast against all rows at once:
-// scores need no horizontal reductions, the K/V rows are read once per tile for the whole GQA
-// group, and the online softmax (running max, running sum, rescaled accumulator) is lane-wise.
-// Keys are visited kKeyTile at a time in position order; causality is a lane mask. Single-token tiles of
-// up to three rows (decode) take the narrow kernel instead, with lanes along head_dim (see
+// scores need no horizontal reductions, the K/V rows are read once per tile for all its rows, and
+// the online softmax (running max, running sum, rescaled accumulator) is lane-wise. Keys are
+// visited kKeyTile at a time in position order; causality is a lane mask. Single-token tiles of up
+// to three rows (decode) take the narrow kernel instead, with lanes along head_dim (see
 // AttendNarrowTile).
 //
 // The caches hold float32, float16 or int8 rows (kv_types.h); all arithmetic is fp32. The narrow
@@ -45,7 +45,7 @@ namespace {
 using fd_attention_simd::Simd;
 using Vec = Simd::V;
 constexpr int kLanes = Simd::kLanes;  // rows per tile: one register of fp32
-constexpr int kKeyTile = 32;          // keys per online-softmax step (16 took 1.06-1.1x the time)
+constexpr int kKeyTile = 32;          // keys per online-softmax step (16: 1.03-1.08x the decode time)
 constexpr int64_t kMinParallelKeyVisits = 2048;
 
 // A tile is a run of one kv head's query rows of one sequence. The rows are flattened as
@@ -81,7 +81,8 @@ inline int64_t FirstQueryPos(const Problem& p, int64_t seq) {
 }
 
 // Walks one sequence's positions in order, kKeyTile at a time, yielding the cache offset (in
-// floats) of each position's row for one kv head; tracks block and offset incrementally (no divisions).
+// floats) of each position's row for one kv head; tracks block and offset incrementally (no
+// divisions).
 class KeyCursor {
  public:
   KeyCursor(const Problem& p, int64_t seq, int64_t kv_head)
@@ -293,8 +294,9 @@ int NextRowsF32(KeyRows<T>& rows, int64_t head_dim, float* stage, const float** 
   }
 }
 
-// Online softmax over the tile's keys, kKeyTile at a time: running max, running sum and an accumulator
-// rescaled whenever the max grows. stage: 2 x kKeyTile x head_dim floats (float16 and int8 caches).
+// Online softmax over the tile's keys, kKeyTile at a time: running max, running sum and an
+// accumulator rescaled whenever the max grows. stage: 2 x kKeyTile x head_dim floats (float16 and
+// int8 caches).
 template <typename T>
 void AttendTile(const Problem& p, const Tile& tile, float* qt, float* o, float* stage) {
   const int64_t d_len = p.head_dim;
@@ -516,7 +518,9 @@ std::vector<Tile> MakeTiles(const Problem& p) {
         // One token's group per tile (a decode token's group is the narrow kernel's shape), in
         // kLanes-head slices where the group is wider than a register.
         for (int64_t t = 0; t < q_len; ++t) {
-          for (int64_t h0 = 0; h0 < group; h0 += kLanes) add(s, kvh, t * group + h0, std::min<int64_t>(kLanes, group - h0));
+          for (int64_t h0 = 0; h0 < group; h0 += kLanes) {
+            add(s, kvh, t * group + h0, std::min<int64_t>(kLanes, group - h0));
+          }
         }
       } else {
         for (int64_t r0 = 0; r0 < total_rows; r0 += kLanes) add(s, kvh, r0, std::min<int64_t>(kLanes, total_rows - r0));
