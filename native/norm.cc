@@ -40,14 +40,6 @@ int ThreadsFor(int64_t elements, int num_threads) {
 using fd_attention_simd::Simd;
 constexpr int64_t kLanes = Simd::kLanes;
 
-inline float LaneSum(Simd::V v) {
-  alignas(64) float lanes[kLanes];
-  Simd::Store(lanes, v);
-  float sum = 0.f;
-  for (const float lane : lanes) sum += lane;
-  return sum;
-}
-
 void RmsNormRow(const float* x, const float* res, const float* w, int64_t h, float eps, float* out,
                 float* res_out) {
   // With a residual, v = x + residual is written to res_out first and read back from L1 for
@@ -74,7 +66,7 @@ void RmsNormRow(const float* x, const float* res, const float* w, int64_t h, flo
     }
     for (int64_t i = body; i < h; ++i) tail_sum += x[i] * x[i];
   }
-  const float inv = 1.0f / std::sqrt((LaneSum(sum) + tail_sum) / static_cast<float>(h) + eps);
+  const float inv = 1.0f / std::sqrt((Simd::SumLane(sum) + tail_sum) / static_cast<float>(h) + eps);
   const Simd::V scale = Simd::Set1(inv);
   for (int64_t i = 0; i < body; i += kLanes) {
     Simd::StoreU(out + i, Simd::Mul(Simd::Mul(Simd::LoadU(v + i), scale), Simd::LoadU(w + i)));
