@@ -34,6 +34,14 @@ def test_one_bad_prompt_in_a_batch_queues_nothing(llm):
     assert len(out[0].outputs.token_ids) == 3
 
 
+def test_logit_bias_outside_the_vocabulary(llm):
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate(["hello", "world"], SamplingParams(max_tokens=2, logit_bias={10**7: 1.0}), use_tqdm=False)
+    assert_idle(llm)
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=2, logit_bias={28: 100}), use_tqdm=False)
+    assert out[0].outputs.token_ids == [28, 28]
+
+
 @pytest.mark.parametrize("prompts", [[], 42, [[]], {"text": "x"}])
 def test_malformed_prompts(llm, prompts):
     with pytest.raises(ValueError, match="prompt"):

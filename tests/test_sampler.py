@@ -153,3 +153,28 @@ def test_nan_logits_count_as_banned():
     for s in range(20):
         p = SamplingParams(seed=s, top_p=0.9)
         assert sample(p, row)[0] == reference_draw(banned[0], p, np.random.default_rng(s))
+
+
+def test_logit_bias_forces_bans_and_shows_in_logprobs():
+    row = logits_row(2)
+    order = np.argsort(-row[0])
+    best, second, last = int(order[0]), int(order[1]), int(order[-1])
+    assert sample(SamplingParams(temperature=0.0, logit_bias={last: 100.0}), row)[0] == last
+    assert sample(SamplingParams(temperature=0.0, logit_bias={best: -100.0}), row)[0] == second
+    for seed in range(10):  # a +100 bias outweighs every other token's share of the draw
+        assert sample(SamplingParams(seed=seed, logit_bias={last: 100.0}), row)[0] == last
+    token, lp = sample(SamplingParams(temperature=0.0, logprobs=1, logit_bias={last: 100.0}), row)
+    assert token == last and lp.logprob > -1e-6 and lp.top[0][0] == last
+    # The bias comes first and the repetition penalty then divides the biased logit: (4 + 5) / 2 =
+    # 4.5 loses to token 11's 5.0, where penalty-then-bias would give 4 / 2 + 5 = 7.
+    row = np.full((1, VOCAB), -10.0, dtype=np.float32)
+    row[0, 10], row[0, 11] = 4.0, 5.0
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, logit_bias={10: 5.0})
+    assert sample(params, row, outputs=(10,))[0] == 11
+    assert sample(params.clone(repetition_penalty=1.0), row, outputs=(10,))[0] == 10
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {True: 1.0}, {"5": 1.0}, {5: 100.5}, {5: float("nan")}, {5: "x"}, [5]])
+def test_logit_bias_validation_names_the_parameter(bias):
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(logit_bias=bias)
+    assert info.value.param == "logit_bias"

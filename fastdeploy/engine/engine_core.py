@@ -156,6 +156,9 @@ class EngineCore:
             raise EngineRequestError("prompt", "the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise EngineRequestError("prompt", f"prompt token ids must be in [0, {self.vocab_size})")
+        bias = req.sampling_params.logit_bias
+        if bias and max(bias) >= self.vocab_size:
+            raise EngineRequestError("logit_bias", f"token id {max(bias)} is outside the vocabulary [0, {self.vocab_size})")
         room = self.max_model_len - len(ids)
         if room < 1:
             raise EngineRequestError(

@@ -1,7 +1,7 @@
 """Batched sampling with per-request parameters, on the host in float32 numpy.
 
-Order per row: logits processors (repetition/presence/frequency penalties, bad words, min_tokens
-EOS suppression) → logprobs of the processed distribution → greedy argmax, or temperature,
+Order per row: logits processors (logit_bias, repetition/presence/frequency penalties, bad words,
+min_tokens EOS suppression) → logprobs of the processed distribution → greedy argmax, or temperature,
 top-k, top-p, min-p and a draw from the row's own generator (seeded requests) or the shared one.
 """
 from __future__ import annotations
@@ -15,6 +15,15 @@ from fastdeploy.engine.sampling_params import SamplingParams
 from fastdeploy.engine.sequence import Sequence
 
 _NEG_INF = np.float32(-np.inf)
+
+
+def _apply_bias(row: np.ndarray, seq: Sequence) -> None:
+    """OpenAI's logit_bias, first, as vLLM applies it: penalties then act on the biased logits.
+    The engine has checked every id against the vocabulary (EngineCore._validate)."""
+    bias = seq.params.logit_bias
+    if bias:
+        ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        row[ids] += np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
 
 
 def _apply_penalties(row: np.ndarray, seq: Sequence) -> None:
@@ -165,6 +174,7 @@ class Sampler:
         tokens: list[int] = []
         logprobs: list[TokenLogprobs | None] = []
         for row, seq in zip(logits, seqs):
+            _apply_bias(row, seq)
             _apply_penalties(row, seq)
             _apply_bans(row, seq, self.eos_token_ids)
             if seq.params.greedy:
@@ -191,4 +201,4 @@ class Sampler:
 def _needs_processing(seq: Sequence) -> bool:
     p = seq.params
     return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.bad_words_token_ids
-                or seq.num_output_tokens < p.min_tokens)
+                or p.logit_bias or seq.num_output_tokens < p.min_tokens)

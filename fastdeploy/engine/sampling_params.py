@@ -5,7 +5,12 @@ and raises ValueError naming the parameter, which the server turns into a 400 wi
 """
 from __future__ import annotations
 
+import math
+
 import msgspec
+
+LOGIT_BIAS_LIMIT = 100.0
+"""OpenAI's range for a logit_bias value: -100 bans a token in effect, +100 all but forces it."""
 
 
 class SamplingParamsError(ValueError):
@@ -34,6 +39,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_lik
     bad_words: list[str] | None = None
     bad_words_token_ids: list[list[int]] | None = None
     """Filled by the tokenizer stage from bad_words (each word's token sequences)."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> value added to its logit before penalties and sampling (OpenAI's logit_bias)."""
     max_tokens: int | None = None
     """None: up to the model length."""
     min_tokens: int = 0
@@ -81,6 +88,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_lik
         if self.stop_token_ids is not None:
             need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                  "must be non-negative integers")
+        if self.logit_bias is not None:
+            need(isinstance(self.logit_bias, dict) and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.logit_bias), "logit_bias",
+                "must map non-negative integer token ids to numbers")
+            need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                     and -LOGIT_BIAS_LIMIT <= v <= LOGIT_BIAS_LIMIT for v in self.logit_bias.values()),
+                 "logit_bias", f"values must be numbers in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]")
         if self.reasoning_max_tokens is not None:
             need(self.reasoning_max_tokens >= 1, "reasoning_max_tokens", "must be at least 1")
         need(self.length_penalty >= 0.0, "length_penalty", "must be >= 0")

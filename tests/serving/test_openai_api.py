@@ -233,6 +233,24 @@ def test_logprobs(server):
     assert all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 for c in content)
 
 
+def test_logit_bias_with_the_sdk(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
+    free = client.completions.create(model="default", prompt="The capital of France is", max_tokens=4,
+                                     temperature=0, extra_body={"return_token_ids": True})
+    first = free.choices[0].model_extra["completion_token_ids"][0]
+    # Banning the greedy first token changes it; a +100 bias makes a chosen token every token.
+    banned = client.completions.create(model="default", prompt="The capital of France is", max_tokens=4,
+                                       temperature=0, logit_bias={str(first): -100},
+                                       extra_body={"return_token_ids": True})
+    assert banned.choices[0].model_extra["completion_token_ids"][0] != first
+    forced = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=3, temperature=0.8, seed=3, logit_bias={"28": 100},
+                                            logprobs=True, extra_body={"return_token_ids": True})
+    assert len(forced.choices[0].logprobs.content) == 3
+    assert all(c.logprob > -1e-3 for c in forced.choices[0].logprobs.content)
+    assert forced.choices[0].message.model_extra["completion_token_ids"] == [28, 28, 28]
+
+
 def test_health_ping_metrics(server):
     with urllib.request.urlopen(server.url + "/health", timeout=30) as resp:
         assert resp.status == 200

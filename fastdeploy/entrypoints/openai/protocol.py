@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastdeploy.engine.sampling_params import SamplingParams, SamplingParamsError
+from fastdeploy.engine.sampling_params import LOGIT_BIAS_LIMIT, SamplingParams, SamplingParamsError
 
 ACCEPTED_MODEL_ALIASES = ("default", "null")
 MAX_PROMPTS = 64
@@ -161,7 +161,22 @@ def check_model(body: _Body, ctx: ModelContext) -> str:
                    "model", "model_not_found")
 
 
-def _sampling_params(body: _Body, max_tokens_default: int | None, logprobs: int | None
+def _logit_bias(body: _Body, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} with JSON's string keys, as token id -> bias in [-100, 100]."""
+    value = body.obj("logit_bias")
+    if value is None:
+        return None
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else -1
+        if token < 0 or (vocab_size and token >= vocab_size):
+            raise ApiError(400, f"'logit_bias' keys must be token ids in [0, {vocab_size or 'vocab size'}), "
+                                f"got {key!r}", "logit_bias")
+        out[token] = body.number("logit_bias", -LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT, bias)  # type: ignore[assignment]
+    return out or None
+
+
+def _sampling_params(body: _Body, max_tokens_default: int | None, logprobs: int | None, vocab_size: int
                      ) -> tuple[SamplingParams, int]:
     meta = body.obj("metadata") or {}
     # FastDeploy reads min_tokens etc. from metadata too; a top-level field wins.
@@ -181,7 +196,7 @@ def _sampling_params(body: _Body, max_tokens_default: int | None, logprobs: int 
         temperature=body.number("temperature", 0.0, 2.0), top_p=body.number("top_p", 1e-9, 1.0),
         top_k=body.integer("top_k", -1, None), min_p=body.number("min_p", 0.0, 1.0),
         seed=body.integer("seed", 0, 2**63 - 1), stop=stop, stop_token_ids=body.int_list("stop_token_ids"),
-        bad_words=body.strings("bad_words"),
+        bad_words=body.strings("bad_words"), logit_bias=_logit_bias(body, vocab_size),
         max_tokens=max_tokens if max_tokens is not None else max_tokens_default,
         min_tokens=body.integer("min_tokens", 0, None, pick("min_tokens")) or 0,
         logprobs=logprobs, ignore_eos=body.boolean("ignore_eos"),
@@ -229,7 +244,7 @@ def parse_chat(data: Any, ctx: ModelContext) -> ParsedRequest:
     top = body.integer("top_logprobs", 0, 20)
     if top is not None and not logprobs:
         raise ApiError(400, "'top_logprobs' requires 'logprobs': true", "top_logprobs")
-    params, beam_width = _sampling_params(body, None, (top or 0) if logprobs else None)
+    params, beam_width = _sampling_params(body, None, (top or 0) if logprobs else None, ctx.vocab_size)
     stream = bool(body.boolean("stream"))
     include_usage, continuous = _stream_options(body, stream)
     meta = body.obj("metadata") or {}
@@ -286,7 +301,7 @@ def parse_completion(data: Any, ctx: ModelContext) -> ParsedRequest:
     model = check_model(body, ctx)
     prompts = _prompts(body.get("prompt"), ctx.vocab_size)
     logprobs = body.integer("logprobs", 0, 20)
-    params, beam_width = _sampling_params(body, 16, logprobs)
+    params, beam_width = _sampling_params(body, 16, logprobs, ctx.vocab_size)
     stream = bool(body.boolean("stream"))
     include_usage, continuous = _stream_options(body, stream)
     return ParsedRequest(kind="completion", model=model, params=params, prompts=prompts, stream=stream,
