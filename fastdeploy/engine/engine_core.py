@@ -10,10 +10,12 @@ import logging
 import time
 from collections import OrderedDict
 
+import numpy as np
+
 from fastdeploy.config import EngineConfig
 from fastdeploy.engine.block_manager import BlockManager
 from fastdeploy.engine.protocol import EngineRequest, EngineStats, StepOutput, TokenLogprobs
-from fastdeploy.engine.sampler import Sampler
+from fastdeploy.engine.sampler import Sampler, token_logprobs
 from fastdeploy.engine.scheduler import ScheduledSeq, Scheduler
 from fastdeploy.engine.sequence import Sequence, SequenceStatus
 from fastdeploy.logger import setup_logging
@@ -88,7 +90,8 @@ class _Rows:
 
     def __init__(self) -> None:
         self.out = StepOutput(request_ids=[], new_token_ids=[], finish_reasons=[], num_prompt_tokens=[],
-                              num_cached_tokens=[], logprobs=[], first_scheduled_times=[], error_messages=[])
+                              num_cached_tokens=[], logprobs=[], first_scheduled_times=[], error_messages=[],
+                              prompt_logprobs=[])
 
     def add(self, seq: Sequence, tokens: list[int], finish: str | None, lp: TokenLogprobs | None = None,
             error: str | None = None) -> None:
@@ -101,6 +104,9 @@ class _Rows:
         o.logprobs.append([lp] if lp is not None else None)
         o.first_scheduled_times.append(seq.first_scheduled_time)
         o.error_messages.append(error)
+        # With the first output token, once: the prompt's logprobs are all computed by then.
+        first = seq.prompt_logprobs is not None and seq.num_output_tokens == 1 and bool(tokens)
+        o.prompt_logprobs.append(seq.prompt_logprobs if first else None)
 
     def __len__(self) -> int:
         return len(self.out.request_ids)
@@ -208,6 +214,7 @@ class EngineCore:
 
     def _run(self, scheduled: list[ScheduledSeq], rows: _Rows) -> None:
         chunks, starts, tables, logit_rows, sampling = [], [], [], [], []
+        prompt_rows: list[tuple[int, Sequence, int]] = []  # (flat row, seq, prompt token it scores)
         offset = 0
         for item in scheduled:
             seq, n = item.seq, item.num_new_tokens
@@ -215,19 +222,26 @@ class EngineCore:
             chunks.append(seq.all_token_ids[start:start + n])
             starts.append(start)
             tables.append(seq.block_table)
+            if seq.prompt_logprobs_pending:
+                # Position q's logits predict token q + 1; positions already scored are skipped
+                # (a preempted sequence recomputes its prompt).
+                first = max(start, len(seq.prompt_logprobs) - 1)  # type: ignore[arg-type]
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                prompt_rows += [(offset + q - start, seq, q + 1) for q in range(first, last)]
             offset += n
             if item.completes_prompt:
                 logit_rows.append(offset - 1)
                 sampling.append(seq)
         t0 = time.perf_counter()
-        logits = self.runner.execute(chunks, starts, tables, logit_rows)
+        logits = self.runner.execute(chunks, starts, tables, logit_rows + [row for row, _, _ in prompt_rows])
         self.last_forward_seconds = time.perf_counter() - t0
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.blocks.register_full_blocks(item.seq)
+        self._score_prompts(logits[len(sampling):], prompt_rows)
         if not sampling:
             return
-        tokens, logprobs = self.sampler.sample(logits, sampling)
+        tokens, logprobs = self.sampler.sample(logits[:len(sampling)], sampling)
         for seq, token, lp in zip(sampling, tokens, logprobs):
             seq.append_token(token)
             finish = self._finish_reason(seq, token)
@@ -236,6 +250,15 @@ class EngineCore:
                 self.scheduler.remove(seq)
                 self.client_ids.release(seq.request_id)
             rows.add(seq, [token], finish, lp)
+
+    @staticmethod
+    def _score_prompts(logits: np.ndarray, prompt_rows: list[tuple[int, Sequence, int]]) -> None:
+        """Appends each scored prompt token's logprob (raw logits, no penalties) to its sequence;
+        rows come in prompt order, each right after the ones before it."""
+        for row, (_, seq, index) in zip(logits, prompt_rows):
+            scored = seq.prompt_logprobs
+            assert scored is not None and len(scored) == index, "prompt logprobs out of order"
+            scored.append(token_logprobs(row, seq.prompt_token_ids[index], seq.params.prompt_logprobs))  # type: ignore[arg-type]
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

@@ -48,7 +48,8 @@ def split_step_output(out: StepOutput, dest_of: dict[str, str]) -> dict[str, Ste
             finish_reasons=pick(out.finish_reasons, idx), num_prompt_tokens=pick(out.num_prompt_tokens, idx),
             num_cached_tokens=pick(out.num_cached_tokens, idx), logprobs=pick(out.logprobs, idx),
             first_scheduled_times=pick(out.first_scheduled_times, idx),
-            error_messages=pick(out.error_messages, idx), step_time=out.step_time)
+            error_messages=pick(out.error_messages, idx), step_time=out.step_time,
+            prompt_logprobs=pick(out.prompt_logprobs, idx))
         for dest, idx in rows.items()
     }
 

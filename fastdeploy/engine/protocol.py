@@ -51,6 +51,9 @@ class StepOutput(msgspec.Struct, tag="step", **_STRUCT):
     """Wall time the request was first scheduled (sent with every row; cheap and stateless)."""
     error_messages: list[str | None] = []
     step_time: float = 0.0
+    prompt_logprobs: list[list[TokenLogprobs] | None] = []
+    """Sent once, on the row of a request's first output token, when its params ask for them: one
+    entry per prompt token (the first, which nothing predicts, has logprob 0 and no alternatives)."""
 
 
 EngineInput = EngineRequest | AbortRequests

@@ -46,6 +46,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error_code: int = 200
     error_msg: str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With SamplingParams(prompt_logprobs=k): per prompt token, its logprob and the k most likely
+    tokens' ({token id: logprob}, as CompletionOutput.logprobs); None for the first token."""
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

@@ -47,6 +47,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_lik
     logprobs: int | None = None
     """Number of top logprobs to return per generated token (0 = only the sampled token's)."""
     prompt_logprobs: int | None = None
+    """Logprob of every prompt token under the model (raw logits) and this many top alternatives;
+    the prompt is then computed in full rather than read from the prefix cache."""
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -82,6 +84,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_lik
             need(self.min_tokens <= self.max_tokens, "min_tokens", "must not exceed max_tokens")
         if self.logprobs is not None:
             need(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]")
+        if self.prompt_logprobs is not None:
+            need(isinstance(self.prompt_logprobs, int) and not isinstance(self.prompt_logprobs, bool)
+                 and 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]")
         if self.stop is not None:
             need(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop",
                  "must be at most 16 non-empty strings")

@@ -86,7 +86,7 @@ class Scheduler:
     def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            hits = self.blocks.match_prefix(seq)
+            hits = [] if seq.prompt_logprobs_pending else self.blocks.match_prefix(seq)
             remaining = seq.num_tokens - len(hits) * self.blocks.block_size
             num_new = min(remaining, budget)
             if num_new < remaining and not self.config.enable_chunked_prefill:

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from fastdeploy.engine.protocol import TokenLogprobs
 from fastdeploy.engine.sampling_params import SamplingParams
 
 
@@ -44,6 +45,17 @@ class Sequence:
         # A private generator per seeded request makes its samples independent of batch composition.
         self.rng = np.random.default_rng(params.seed) if params.seed is not None else None
         self.output_counts: dict[int, int] = {}
+        # Prompt logprobs (SamplingParams.prompt_logprobs), one entry per prompt token as its chunks
+        # are computed. Nothing predicts the first token: its entry has logprob 0 and no alternatives.
+        self.prompt_logprobs: list[TokenLogprobs] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [TokenLogprobs(token_id=t, logprob=0.0) for t in self.prompt_token_ids[:1]]
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Prompt logprobs asked for and not all computed: the prompt must be run, not read from the
+        prefix cache, up to the last one missing."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -140,6 +140,9 @@ class Detokenizer:
             num_cached_tokens=step.num_cached_tokens[i], num_output_tokens=len(choice.text.token_ids),
             logprobs=logprobs,
             error_message=step.error_messages[i] if step.error_messages else None)
+        prompt_lps = step.prompt_logprobs[i] if step.prompt_logprobs else None
+        if req.reg.want_logprobs and prompt_lps:
+            chunk.prompt_logprobs = [self._logprob_entry(lp) for lp in prompt_lps]
         if not req.sent_prompt_ids and req.reg.prompt_token_ids is not None:
             chunk.prompt_token_ids = req.reg.prompt_token_ids
             req.sent_prompt_ids = True
@@ -173,7 +176,8 @@ def _row(step: StepOutput, i: int) -> StepOutput:
                       finish_reasons=[step.finish_reasons[i]], num_prompt_tokens=[step.num_prompt_tokens[i]],
                       num_cached_tokens=[step.num_cached_tokens[i]], logprobs=one(step.logprobs),
                       first_scheduled_times=one(step.first_scheduled_times),
-                      error_messages=one(step.error_messages), step_time=step.step_time)
+                      error_messages=one(step.error_messages), step_time=step.step_time,
+                      prompt_logprobs=one(step.prompt_logprobs))
 
 
 def serve(spec: RunSpec, index: int, detok: Detokenizer) -> None:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from fastdeploy.engine.args import EngineArgs
 from fastdeploy.engine.engine_core import EngineCore, EngineRequestError
-from fastdeploy.engine.protocol import EngineRequest, StepOutput
+from fastdeploy.engine.protocol import EngineRequest, StepOutput, TokenLogprobs
 from fastdeploy.engine.request import CompletionOutput, RequestMetrics, RequestOutput
 from fastdeploy.engine.sampling_params import SamplingParams
 from fastdeploy.input.bad_words import bad_words_to_token_ids
@@ -211,6 +211,9 @@ class LLM:
 
     @staticmethod
     def _record_logprobs(t: _Tracked, out: StepOutput, i: int) -> None:
+        prompt = out.prompt_logprobs[i] if out.prompt_logprobs else None
+        if prompt:
+            t.output.prompt_logprobs = [None] + [_logprob_dict(lp) for lp in prompt[1:]]
         rows = out.logprobs[i] if out.logprobs else None
         if not rows:
             return
@@ -218,8 +221,13 @@ class LLM:
         if c.logprobs is None:
             c.logprobs = []
         for lp in rows:
-            entry = {tok: val for tok, val in lp.top}
-            entry[lp.token_id] = lp.logprob
-            c.logprobs.append(entry)
+            c.logprobs.append(_logprob_dict(lp))
             t.logprob_sum += lp.logprob
         c.cumulative_logprob = t.logprob_sum
+
+
+def _logprob_dict(lp: TokenLogprobs) -> dict[int, float]:
+    """{token id: logprob} of the top alternatives and the token itself."""
+    entry = {tok: val for tok, val in lp.top}
+    entry[lp.token_id] = lp.logprob
+    return entry

@@ -86,6 +86,9 @@ class TextChunk(msgspec.Struct, **_STRUCT):
     logprobs: list[LogprobEntry] | None = None
     prompt_token_ids: list[int] | None = None
     error_message: str | None = None
+    prompt_logprobs: list[LogprobEntry] | None = None
+    """With the first token, when asked for (completions' echo + logprobs): one entry per prompt
+    token; the first, which nothing predicts, has logprob 0 and no alternatives."""
 
 
 class TextBatch(msgspec.Struct, tag="text", **_STRUCT):

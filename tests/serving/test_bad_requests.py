@@ -111,6 +111,7 @@ CASES = [
     ("prompt-empty-id-list", COMP, {"prompt": [[1, 2], []]}, 400, "prompt", None),
     ("prompt-object", COMP, {"prompt": {"a": 1}}, 400, "prompt", None),
     ("prompt-bool-ids", COMP, {"prompt": [True, False]}, 400, "prompt", None),
+    ("echo-logprobs-beam", COMP, {"prompt": "x", "echo": True, "logprobs": 1, "num_beams": 2}, 400, "echo", None),
     ("completion-logprobs-too-large", COMP, {"prompt": "x", "logprobs": 50}, 400, "logprobs", None),
     ("completion-too-long", COMP, {"prompt": list(range(100, 2200))}, 400, "prompt", None),
 ]

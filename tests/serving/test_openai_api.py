@@ -251,6 +251,37 @@ def test_logit_bias_with_the_sdk(server):
     assert forced.choices[0].message.model_extra["completion_token_ids"] == [28, 28, 28]
 
 
+def test_echo_with_logprobs_scores_the_prompt(server):
+    # What evaluation harnesses send to score a text: echo, logprobs, one new token.
+    prompt = "The capital of France is Paris."
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
+    comp = client.completions.create(model="default", prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                     logprobs=1, extra_body={"return_token_ids": True})
+    choice = comp.choices[0]
+    prompt_ids = choice.model_extra["prompt_token_ids"]
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    assert len(lp.tokens) == len(prompt_ids) + 1 == len(lp.token_logprobs) == len(lp.text_offset)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) >= 1 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens[:len(prompt_ids)]) == prompt
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] == len(prompt)
+    # Streamed: the prompt and its logprobs come first, and the stream adds up to the same.
+    events = sse_events(server, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "temperature": 0,
+                                                    "echo": True, "logprobs": 1, "stream": True})
+    chunks = [e["choices"][0] for e in events if isinstance(e, dict) and e["choices"]]
+    assert chunks[0]["text"].startswith(prompt)
+    assert chunks[0]["logprobs"]["token_logprobs"][:len(prompt_ids)] == lp.token_logprobs[:len(prompt_ids)]
+    tokens = [t for c in chunks for t in c["logprobs"]["tokens"]]
+    assert "".join(tokens) == "".join(c["text"] for c in chunks)
+    offsets = [o for c in chunks for o in c["logprobs"]["text_offset"]]
+    assert offsets == sorted(offsets) and len(offsets) == len(prompt_ids) + 3
+    # Without logprobs, echo only prefixes the text.
+    status, plain = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "echo": True})
+    assert status == 200 and plain["choices"][0]["text"].startswith(prompt)
+    assert plain["choices"][0]["logprobs"] is None
+
+
 def test_health_ping_metrics(server):
     with urllib.request.urlopen(server.url + "/health", timeout=30) as resp:
         assert resp.status == 200

@@ -302,12 +302,17 @@ def parse_completion(data: Any, ctx: ModelContext) -> ParsedRequest:
     prompts = _prompts(body.get("prompt"), ctx.vocab_size)
     logprobs = body.integer("logprobs", 0, 20)
     params, beam_width = _sampling_params(body, 16, logprobs, ctx.vocab_size)
+    echo = bool(body.boolean("echo"))
+    if echo and logprobs is not None:
+        if beam_width:
+            raise ApiError(400, "'echo' with 'logprobs' is not supported with beam search", "echo")
+        params = params.clone(prompt_logprobs=logprobs)  # OpenAI: logprobs of the echoed prompt too
     stream = bool(body.boolean("stream"))
     include_usage, continuous = _stream_options(body, stream)
     return ParsedRequest(kind="completion", model=model, params=params, prompts=prompts, stream=stream,
                          include_usage=include_usage, continuous_usage=continuous,
                          return_token_ids=bool(body.boolean("return_token_ids")), logprobs=logprobs is not None,
-                         echo=bool(body.boolean("echo")), beam_width=beam_width,
+                         echo=echo, beam_width=beam_width,
                          request_id=client_request_id(body))
 
 

@@ -34,8 +34,10 @@ class ChoiceState:
     logprobs: list[wire.LogprobEntry] = field(default_factory=list)
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    prompt_logprobs: list[wire.LogprobEntry] | None = None
 
     def add(self, chunk: wire.TextChunk) -> None:
+        self.prompt_logprobs = chunk.prompt_logprobs or self.prompt_logprobs
         self.text.append(chunk.text)
         self.reasoning.append(chunk.reasoning)
         self.token_ids.extend(chunk.token_ids)

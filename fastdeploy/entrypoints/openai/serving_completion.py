@@ -16,13 +16,21 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await serve(request, parse_completion, "cmpl", _stream, _complete)
 
 
-def _completion_logprobs(entries: list[wire.LogprobEntry], offset: int = 0) -> dict[str, Any]:
+def _completion_logprobs(entries: list[wire.LogprobEntry], offset: int = 0,
+                         prompt: list[wire.LogprobEntry] | None = None) -> dict[str, Any]:
+    """OpenAI's legacy logprobs object. With `prompt` (echo), its tokens come first, the first of
+    them with null logprob and alternatives since nothing predicts it."""
+    listed = (prompt or []) + entries
     offsets, pos = [], offset
-    for e in entries:
+    for e in listed:
         offsets.append(pos)
         pos += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+    logprobs: list[float | None] = [e.logprob for e in listed]
+    tops: list[dict[str, float] | None] = [dict(e.top) for e in listed]
+    if prompt:
+        logprobs[0] = tops[0] = None
+    return {"tokens": [e.token for e in listed], "token_logprobs": logprobs, "top_logprobs": tops,
+            "text_offset": offsets}
 
 
 def _prompt_text(parsed: ParsedRequest, index: int, n: int) -> str:
@@ -42,8 +50,8 @@ async def _complete(parsed: ParsedRequest, sub: ChunkSource) -> web.Response:
         text = "".join(c.text)
         if parsed.echo:
             text = _prompt_text(parsed, i, n) + text
-        item: dict[str, Any] = {"index": i, "text": text,
-                                "logprobs": _completion_logprobs(c.logprobs) if parsed.logprobs else None,
+        logprobs = _completion_logprobs(c.logprobs, prompt=c.prompt_logprobs) if parsed.logprobs else None
+        item: dict[str, Any] = {"index": i, "text": text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason}
         reasoning = "".join(c.reasoning)
         if reasoning:
@@ -63,13 +71,18 @@ async def _stream(request: web.Request, parsed: ParsedRequest, sub: ChunkSource)
     await sse.start()
     rid, created, n = sub.response_id, now(), parsed.params.n
     usage = UsageTracker()
+    sent_chars: dict[int, int] = {}  # per choice, text sent so far: where text_offset continues
     try:
         async for chunk in chunks:
             usage.add(chunk)
             index = choice_index(sub.request_ids, chunk, n)
-            choice: dict[str, Any] = {"index": index, "text": chunk.text,
-                                      "logprobs": _completion_logprobs(chunk.logprobs or []) if parsed.logprobs
-                                      else None,
+            text, prompt_lps = chunk.text, None
+            if parsed.echo and index not in sent_chars:  # the prompt goes first, in the choice's first chunk
+                text, prompt_lps = _prompt_text(parsed, index, n) + text, chunk.prompt_logprobs
+            offset = sent_chars.get(index, 0)
+            sent_chars[index] = offset + len(text)
+            logprobs = _completion_logprobs(chunk.logprobs or [], offset, prompt_lps) if parsed.logprobs else None
+            choice: dict[str, Any] = {"index": index, "text": text, "logprobs": logprobs,
                                       "finish_reason": chunk.finish_reason,
                                       "arrival_time": round(time.time() - sub.arrival, 6)}
             if chunk.reasoning:
