@@ -276,6 +276,19 @@ def test_echo_with_logprobs_scores_the_prompt(server):
     assert "".join(tokens) == "".join(c["text"] for c in chunks)
     offsets = [o for c in chunks for o in c["logprobs"]["text_offset"]]
     assert offsets == sorted(offsets) and len(offsets) == len(prompt_ids) + 3
+    # max_tokens 0 scores the text alone.
+    status, only = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2})
+    assert status == 200, only
+    assert only["choices"][0]["text"] == prompt and only["choices"][0]["finish_reason"] == "length"
+    assert only["choices"][0]["logprobs"]["token_logprobs"] == lp.token_logprobs[:len(prompt_ids)]
+    assert only["usage"]["completion_tokens"] == 0 and only["usage"]["prompt_tokens"] == len(prompt_ids)
+    events = sse_events(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2,
+                                                    "stream": True, "stream_options": {"include_usage": True}})
+    streamed = [e for e in events if isinstance(e, dict)]
+    assert "".join(c["text"] for e in streamed for c in e["choices"]) == prompt
+    assert streamed[-1]["usage"]["completion_tokens"] == 0
+    status, err = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0})
+    assert status == 400 and err["error"]["param"] == "max_tokens"
     # Without logprobs, echo only prefixes the text.
     status, plain = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "echo": True})
     assert status == 200 and plain["choices"][0]["text"].startswith(prompt)

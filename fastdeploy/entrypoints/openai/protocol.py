@@ -63,6 +63,8 @@ class ParsedRequest:
     enable_thinking: bool | None = None
     logprobs: bool = False
     echo: bool = False
+    score_only: bool = False
+    """Completions' echo with max_tokens 0: the prompt (and its logprobs) alone is returned."""
     beam_width: int = 0
     """> 0: beam search with this many beams (use_beam_search / num_beams); n best are returned."""
     request_id: str | None = None
@@ -301,8 +303,13 @@ def parse_completion(data: Any, ctx: ModelContext) -> ParsedRequest:
     model = check_model(body, ctx)
     prompts = _prompts(body.get("prompt"), ctx.vocab_size)
     logprobs = body.integer("logprobs", 0, 20)
-    params, beam_width = _sampling_params(body, 16, logprobs, ctx.vocab_size)
     echo = bool(body.boolean("echo"))
+    # echo with max_tokens 0 scores a text without continuing it: the prompt's last row yields one
+    # token anyway, which is generated and left out of the response.
+    score_only = echo and body.integer("max_tokens", 0, None) == 0
+    if score_only:
+        body = _Body({**body.data, "max_tokens": 1})
+    params, beam_width = _sampling_params(body, 16, logprobs, ctx.vocab_size)
     if echo and logprobs is not None:
         if beam_width:
             raise ApiError(400, "'echo' with 'logprobs' is not supported with beam search", "echo")
@@ -312,7 +319,7 @@ def parse_completion(data: Any, ctx: ModelContext) -> ParsedRequest:
     return ParsedRequest(kind="completion", model=model, params=params, prompts=prompts, stream=stream,
                          include_usage=include_usage, continuous_usage=continuous,
                          return_token_ids=bool(body.boolean("return_token_ids")), logprobs=logprobs is not None,
-                         echo=echo, beam_width=beam_width,
+                         echo=echo, score_only=score_only, beam_width=beam_width,
                          request_id=client_request_id(body))
 
 

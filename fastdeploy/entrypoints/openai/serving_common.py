@@ -53,6 +53,8 @@ class UsageTracker:
     cached_tokens: dict[str, int] = field(default_factory=dict)
     output_tokens: dict[tuple[str, int], int] = field(default_factory=dict)
     prompt_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    count_output: bool = True
+    """False where the generated tokens are not returned (ParsedRequest.score_only)."""
 
     def add(self, chunk: wire.TextChunk) -> None:
         self.prompt_tokens[chunk.request_id] = chunk.num_prompt_tokens
@@ -64,7 +66,7 @@ class UsageTracker:
 
     def usage(self) -> dict[str, Any]:
         prompt = sum(self.prompt_tokens.values())
-        completion = sum(self.output_tokens.values())
+        completion = sum(self.output_tokens.values()) if self.count_output else 0
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
 

@@ -33,6 +33,11 @@ def _completion_logprobs(entries: list[wire.LogprobEntry], offset: int = 0,
             "text_offset": offsets}
 
 
+def _finish(parsed: ParsedRequest, reason: str | None) -> str | None:
+    """A score-only request ends at its max_tokens of 0, whatever stopped the dropped token."""
+    return "length" if parsed.score_only and reason in ("stop", "length") else reason
+
+
 def _prompt_text(parsed: ParsedRequest, index: int, n: int) -> str:
     prompt = parsed.prompts[index // n]
     return prompt if isinstance(prompt, str) else ""
@@ -41,24 +46,25 @@ def _prompt_text(parsed: ParsedRequest, index: int, n: int) -> str:
 async def _complete(parsed: ParsedRequest, sub: ChunkSource) -> web.Response:
     n = parsed.params.n
     choices = [ChoiceState() for _ in range(len(sub.request_ids) * n)]
-    usage = UsageTracker()
+    usage = UsageTracker(count_output=not parsed.score_only)
     async for chunk in sub.chunks():
         choices[choice_index(sub.request_ids, chunk, n)].add(chunk)
         usage.add(chunk)
     out = []
     for i, c in enumerate(choices):
-        text = "".join(c.text)
-        if parsed.echo:
-            text = _prompt_text(parsed, i, n) + text
-        logprobs = _completion_logprobs(c.logprobs, prompt=c.prompt_logprobs) if parsed.logprobs else None
+        generated, entries, token_ids = "".join(c.text), c.logprobs, c.token_ids
+        if parsed.score_only:
+            generated, entries, token_ids = "", [], []
+        text = _prompt_text(parsed, i, n) + generated if parsed.echo else generated
+        logprobs = _completion_logprobs(entries, prompt=c.prompt_logprobs) if parsed.logprobs else None
         item: dict[str, Any] = {"index": i, "text": text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason}
+                                "finish_reason": _finish(parsed, c.finish_reason)}
         reasoning = "".join(c.reasoning)
         if reasoning:
             item["reasoning_content"] = reasoning
         if parsed.return_token_ids:
             item["prompt_token_ids"] = usage.prompt_token_ids.get(sub.request_ids[i // n])
-            item["completion_token_ids"] = c.token_ids
+            item["completion_token_ids"] = token_ids
         out.append(item)
     body = {"id": sub.response_id, "object": "text_completion", "created": now(), "model": parsed.model,
             "choices": out, "usage": usage.usage()}
@@ -70,25 +76,27 @@ async def _stream(request: web.Request, parsed: ParsedRequest, sub: ChunkSource)
     sse = SseWriter(request)
     await sse.start()
     rid, created, n = sub.response_id, now(), parsed.params.n
-    usage = UsageTracker()
+    usage = UsageTracker(count_output=not parsed.score_only)
     sent_chars: dict[int, int] = {}  # per choice, text sent so far: where text_offset continues
     try:
         async for chunk in chunks:
             usage.add(chunk)
             index = choice_index(sub.request_ids, chunk, n)
-            text, prompt_lps = chunk.text, None
+            text, entries, token_ids, prompt_lps = chunk.text, chunk.logprobs or [], chunk.token_ids, None
+            if parsed.score_only:
+                text, entries, token_ids = "", [], []
             if parsed.echo and index not in sent_chars:  # the prompt goes first, in the choice's first chunk
                 text, prompt_lps = _prompt_text(parsed, index, n) + text, chunk.prompt_logprobs
             offset = sent_chars.get(index, 0)
             sent_chars[index] = offset + len(text)
-            logprobs = _completion_logprobs(chunk.logprobs or [], offset, prompt_lps) if parsed.logprobs else None
+            logprobs = _completion_logprobs(entries, offset, prompt_lps) if parsed.logprobs else None
             choice: dict[str, Any] = {"index": index, "text": text, "logprobs": logprobs,
-                                      "finish_reason": chunk.finish_reason,
+                                      "finish_reason": _finish(parsed, chunk.finish_reason),
                                       "arrival_time": round(time.time() - sub.arrival, 6)}
             if chunk.reasoning:
                 choice["reasoning_content"] = chunk.reasoning
             if parsed.return_token_ids:
-                choice["token_ids"] = chunk.token_ids
+                choice["token_ids"] = token_ids
                 if chunk.prompt_token_ids is not None:
                     choice["prompt_token_ids"] = chunk.prompt_token_ids
             body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
