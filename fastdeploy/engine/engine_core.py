@@ -164,7 +164,8 @@ class EngineCore:
             raise EngineRequestError("prompt", f"prompt token ids must be in [0, {self.vocab_size})")
         bias = req.sampling_params.logit_bias
         if bias and max(bias) >= self.vocab_size:
-            raise EngineRequestError("logit_bias", f"token id {max(bias)} is outside the vocabulary [0, {self.vocab_size})")
+            raise EngineRequestError("logit_bias",
+                                     f"token id {max(bias)} is outside the vocabulary [0, {self.vocab_size})")
         room = self.max_model_len - len(ids)
         if room < 1:
             raise EngineRequestError(
@@ -258,7 +259,8 @@ class EngineCore:
         for row, (_, seq, index) in zip(logits, prompt_rows):
             scored = seq.prompt_logprobs
             assert scored is not None and len(scored) == index, "prompt logprobs out of order"
-            scored.append(token_logprobs(row, seq.prompt_token_ids[index], seq.params.prompt_logprobs))  # type: ignore[arg-type]
+            entry = token_logprobs(row, seq.prompt_token_ids[index], seq.params.prompt_logprobs)
+            scored.append(entry)  # type: ignore[arg-type]
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

@@ -203,7 +203,6 @@ class Sampler:
         return tokens, logprobs
 
 
-
 def _needs_processing(seq: Sequence) -> bool:
     p = seq.params
     return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.bad_words_token_ids
