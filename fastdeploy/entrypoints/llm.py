@@ -19,6 +19,7 @@ from fastdeploy.engine.protocol import EngineRequest, StepOutput, TokenLogprobs
 from fastdeploy.engine.request import CompletionOutput, RequestMetrics, RequestOutput
 from fastdeploy.engine.sampling_params import SamplingParams
 from fastdeploy.input.bad_words import bad_words_to_token_ids
+from fastdeploy.input.prompt_ids import PromptError, chat_prompt
 from fastdeploy.input.tokenizer import Tokenizer, load_tokenizer
 from fastdeploy.output.detokenizer import RequestTextState
 
@@ -62,9 +63,10 @@ class LLM:
         batch = messages if isinstance(messages[0], list) else [messages]
         encoded = []
         for conversation in batch:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                                      **(chat_template_kwargs or {}))
-            encoded.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+            try:
+                encoded.append(chat_prompt(self.tokenizer, conversation, chat_template_kwargs))
+            except PromptError as exc:
+                raise ValueError(f"{exc.param}: {exc}") from None
         thinking = bool((chat_template_kwargs or {}).get("enable_thinking", True))
         return self._run(encoded, sampling_params, use_tqdm, enable_thinking=thinking)
 

@@ -21,6 +21,7 @@ from fastdeploy.engine.sampling_params import SamplingParams
 from fastdeploy.entrypoints import wire
 from fastdeploy.entrypoints.runtime import PushCache, RunSpec, child_setup, push_socket, read_spec, report
 from fastdeploy.input.bad_words import bad_words_to_token_ids
+from fastdeploy.input.prompt_ids import PromptError, chat_prompt, checked_ids
 from fastdeploy.input.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("fastdeploy")
@@ -31,12 +32,6 @@ PROMPT_TAIL_TOKENS = 4
 def detokenizer_for(request_id: str, count: int) -> int:
     """Stable across processes and runs (unlike hash()), so every stage agrees on the owner."""
     return zlib.crc32(request_id.encode()) % count
-
-
-class RequestError(ValueError):
-    def __init__(self, param: str | None, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class TokenizerWorker:
@@ -53,7 +48,7 @@ class TokenizerWorker:
         try:
             ids = self.prompt_ids(req)
             params = self.resolve_params(req.sampling_params)
-        except (RequestError, ValueError) as exc:
+        except ValueError as exc:  # PromptError, SamplingParamsError: both name the param
             self.replies.send(req.reply_to, wire.ErrorFrame(
                 request_id=req.request_id, status=400, message=str(exc), param=getattr(exc, "param", None),
                 code="invalid_value"))
@@ -77,27 +72,15 @@ class TokenizerWorker:
     def prompt_ids(self, req: wire.GenerateRequest) -> list[int]:
         tok = self.tokenizer
         if req.messages is not None:
-            kwargs = dict(req.chat_template_kwargs or {})
-            if req.enable_thinking is not None:
-                kwargs.setdefault("enable_thinking", req.enable_thinking)
-            try:
-                text = tok.apply_chat_template(req.messages, add_generation_prompt=True, **kwargs)
-            except ValueError as exc:
-                raise RequestError("messages", str(exc)) from None
-            except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
-                raise RequestError("messages", f"the chat template failed on these messages: {exc}") from None
-            ids = tok.encode(text, add_special_tokens=False)
+            _, ids = chat_prompt(tok, req.messages, req.chat_template_kwargs, req.enable_thinking)
         elif req.prompt_token_ids is not None:
-            ids = list(req.prompt_token_ids)
-            bad = [t for t in ids if not 0 <= t < tok.vocab_size]
-            if bad:
-                raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")
+            ids = checked_ids(tok, req.prompt_token_ids)
         elif req.prompt is not None:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            raise RequestError("prompt", "no prompt given")
+            raise PromptError("prompt", "no prompt given")
         if not ids:
-            raise RequestError("prompt" if req.messages is None else "messages", "the prompt is empty")
+            raise PromptError("prompt" if req.messages is None else "messages", "the prompt is empty")
         return ids
 
     def resolve_params(self, params: SamplingParams) -> SamplingParams:

@@ -295,6 +295,25 @@ def test_echo_with_logprobs_scores_the_prompt(server):
     assert plain["choices"][0]["logprobs"] is None
 
 
+def test_tokenize_counts_what_usage_reports(server):
+    messages = [{"role": "user", "content": "Count my tokens, please."}]
+    status, chat = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+    assert status == 200
+    status, counted = post(server, "/tokenize", {"messages": messages})
+    assert status == 200, counted
+    assert counted["count"] == len(counted["tokens"]) == chat["usage"]["prompt_tokens"]
+    assert counted["max_model_len"] > 0 and counted["token_strs"] is None
+    status, bare = post(server, "/tokenize", {"messages": messages, "add_generation_prompt": False})
+    assert status == 200 and bare["count"] < counted["count"]
+    prompt = "Tokenizers split text into pieces."
+    status, comp = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    status, text_ids = post(server, "/tokenize", {"prompt": prompt, "return_token_strs": True})
+    assert status == 200 and text_ids["count"] == comp["usage"]["prompt_tokens"]
+    assert "".join(text_ids["token_strs"]) == prompt
+    status, back = post(server, "/detokenize", {"tokens": text_ids["tokens"]})
+    assert status == 200 and back == {"prompt": prompt}
+
+
 def test_health_ping_metrics(server):
     with urllib.request.urlopen(server.url + "/health", timeout=30) as resp:
         assert resp.status == 200

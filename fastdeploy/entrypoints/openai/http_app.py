@@ -176,6 +176,10 @@ class ApiWorker:
 
 
 # ---- HTTP layer -----------------------------------------------------------------------------
+# What --api-key protects: the API, not the probes (/health, /ping, /metrics).
+_GUARDED = ("/v1/", "/tokenize", "/detokenize")
+
+
 def json_error(exc: ApiError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status)
 
@@ -186,7 +190,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     try:
         worker = request.app[WORKER_KEY]
         key = worker.spec.api_key
-        if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
+        if key and request.path.startswith(_GUARDED) and request.headers.get("Authorization") != f"Bearer {key}":
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            error_type="authentication_error")
         return await handler(request)
@@ -247,12 +251,15 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(worker: ApiWorker) -> web.Application:
     from fastdeploy.entrypoints.openai.serving_chat import chat_completions
     from fastdeploy.entrypoints.openai.serving_completion import completions
+    from fastdeploy.entrypoints.openai.serving_tokenize import detokenize, tokenize
 
     app = web.Application(middlewares=[error_middleware], client_max_size=worker.spec.max_request_bytes)
     app[WORKER_KEY] = worker
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/health", health)
     app.router.add_get("/ping", ping)
     app.router.add_get("/metrics", metrics)

@@ -241,7 +241,7 @@ def _stream_options(body: _Body, stream: bool) -> tuple[bool, bool]:
 def parse_chat(data: Any, ctx: ModelContext) -> ParsedRequest:
     body = _Body(data)
     model = check_model(body, ctx)
-    messages = _messages(body.get("messages"))
+    messages = parse_messages(body.get("messages"))
     logprobs = bool(body.boolean("logprobs"))
     top = body.integer("top_logprobs", 0, 20)
     if top is not None and not logprobs:
@@ -263,7 +263,7 @@ def parse_chat(data: Any, ctx: ModelContext) -> ParsedRequest:
                          request_id=client_request_id(body))
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
+def parse_messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
     out = []
@@ -345,3 +345,43 @@ def _prompts(value: Any, vocab_size: int) -> list[str | list[int]]:
         if isinstance(p, list) and not ids_ok(p):
             raise ApiError(400, f"'prompt' token ids must be integers in [0, {vocab_size or 'vocab size'})", "prompt")
     return prompts
+
+
+@dataclass
+class TokenizeRequest:
+    """POST /tokenize (vLLM's): a completion prompt or chat messages."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+def parse_tokenize(data: Any, ctx: ModelContext) -> TokenizeRequest:
+    body = _Body(data)
+    check_model(body, ctx)
+    chat = body.get("messages") is not None
+    if not chat and not isinstance(body.get("prompt"), str):
+        raise ApiError(400, "give 'prompt' (a string) or 'messages'", "prompt")
+    add_special = body.boolean("add_special_tokens")
+    add_generation = body.boolean("add_generation_prompt")
+    return TokenizeRequest(
+        prompt=None if chat else body.get("prompt"), messages=parse_messages(body.get("messages")) if chat else None,
+        # As the generation endpoints encode: completions add special tokens, chat templates write their own.
+        add_special_tokens=(not chat) if add_special is None else add_special,
+        add_generation_prompt=True if add_generation is None else add_generation,
+        chat_template_kwargs=body.obj("chat_template_kwargs"), return_token_strs=bool(body.boolean("return_token_strs")))
+
+
+def parse_detokenize(data: Any, ctx: ModelContext) -> list[int]:
+    """POST /detokenize's token ids, each in the vocabulary."""
+    body = _Body(data)
+    check_model(body, ctx)
+    tokens = body.int_list("tokens")
+    if tokens is None:
+        raise ApiError(400, "'tokens' (a list of token ids) is required", "tokens")
+    if any(not 0 <= t < (ctx.vocab_size or 2**31) for t in tokens):
+        raise ApiError(400, f"'tokens' must be token ids in [0, {ctx.vocab_size or 'vocab size'})", "tokens")
+    return tokens
