@@ -289,6 +289,12 @@ def test_echo_with_logprobs_scores_the_prompt(server):
     assert streamed[-1]["usage"]["completion_tokens"] == 0
     status, err = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0})
     assert status == 400 and err["error"]["param"] == "max_tokens"
+    # Token-id prompts are echoed as their text.
+    status, by_ids = post(server, "/v1/completions", {"prompt": [prompt_ids, prompt_ids[:3]], "max_tokens": 1,
+                                                      "echo": True, "temperature": 0})
+    assert status == 200
+    assert by_ids["choices"][0]["text"] == choice.text
+    assert prompt.startswith(by_ids["choices"][1]["text"][:5])
     # Without logprobs, echo only prefixes the text.
     status, plain = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "echo": True})
     assert status == 200 and plain["choices"][0]["text"].startswith(prompt)

@@ -65,6 +65,8 @@ class ParsedRequest:
     echo: bool = False
     score_only: bool = False
     """Completions' echo with max_tokens 0: the prompt (and its logprobs) alone is returned."""
+    echo_texts: list[str] | None = None
+    """Per prompt, the text echo returns; token-id prompts decoded (filled before serving)."""
     beam_width: int = 0
     """> 0: beam search with this many beams (use_beam_search / num_beams); n best are returned."""
     request_id: str | None = None

@@ -1,6 +1,7 @@
 """What chat and completion serving share: SSE writing, usage, per-choice accumulation."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -110,6 +111,11 @@ async def serve(request: web.Request, parse: Parser, id_prefix: str, stream: Str
     worker: ApiWorker = request.app[WORKER_KEY]
     parsed = parse(await read_json(request), worker.model)
     async with worker.admit():
+        if parsed.echo and any(isinstance(p, list) for p in parsed.prompts):
+            tok = await worker.tokenizer()  # token-id prompts are echoed as their text
+            parsed.echo_texts = await asyncio.to_thread(
+                lambda: [p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False)  # type: ignore[attr-defined]
+                         for p in parsed.prompts])
         if parsed.beam_width:
             from fastdeploy.entrypoints.openai.serving_beam import run_beam_search
 

@@ -39,6 +39,8 @@ def _finish(parsed: ParsedRequest, reason: str | None) -> str | None:
 
 
 def _prompt_text(parsed: ParsedRequest, index: int, n: int) -> str:
+    if parsed.echo_texts is not None:
+        return parsed.echo_texts[index // n]
     prompt = parsed.prompts[index // n]
     return prompt if isinstance(prompt, str) else ""
 
