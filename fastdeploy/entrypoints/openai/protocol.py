@@ -374,7 +374,8 @@ def parse_tokenize(data: Any, ctx: ModelContext) -> TokenizeRequest:
         # As the generation endpoints encode: completions add special tokens, chat templates write their own.
         add_special_tokens=(not chat) if add_special is None else add_special,
         add_generation_prompt=True if add_generation is None else add_generation,
-        chat_template_kwargs=body.obj("chat_template_kwargs"), return_token_strs=bool(body.boolean("return_token_strs")))
+        chat_template_kwargs=body.obj("chat_template_kwargs"),
+        return_token_strs=bool(body.boolean("return_token_strs")))
 
 
 def parse_detokenize(data: Any, ctx: ModelContext) -> list[int]:

@@ -112,10 +112,7 @@ async def serve(request: web.Request, parse: Parser, id_prefix: str, stream: Str
     parsed = parse(await read_json(request), worker.model)
     async with worker.admit():
         if parsed.echo and any(isinstance(p, list) for p in parsed.prompts):
-            tok = await worker.tokenizer()  # token-id prompts are echoed as their text
-            parsed.echo_texts = await asyncio.to_thread(
-                lambda: [p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False)  # type: ignore[attr-defined]
-                         for p in parsed.prompts])
+            parsed.echo_texts = await _echo_texts(worker, parsed.prompts)
         if parsed.beam_width:
             from fastdeploy.entrypoints.openai.serving_beam import run_beam_search
 
@@ -123,6 +120,13 @@ async def serve(request: web.Request, parse: Parser, id_prefix: str, stream: Str
             return await (stream(request, parsed, result) if parsed.stream else complete(parsed, result))
         async with worker.submit(id_prefix, parsed) as sub:
             return await (stream(request, parsed, sub) if parsed.stream else complete(parsed, sub))
+
+
+async def _echo_texts(worker: ApiWorker, prompts: list[str | list[int]]) -> list[str]:
+    """What echo returns per prompt: the text, or a token-id prompt decoded (off the event loop)."""
+    tok: Any = await worker.tokenizer()
+    return await asyncio.to_thread(
+        lambda: [p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in prompts])
 
 
 def now() -> int:
