@@ -34,6 +34,17 @@ def test_one_bad_prompt_in_a_batch_queues_nothing(llm):
     assert len(out[0].outputs.token_ids) == 3
 
 
+def test_continue_final_message_needs_an_assistant_reply(llm):
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=2), use_tqdm=False,
+                 add_generation_prompt=False, continue_final_message=True)
+    out = llm.chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, my"}],
+                   SamplingParams(temperature=0, max_tokens=2), use_tqdm=False, add_generation_prompt=False,
+                   continue_final_message=True)
+    assert out[0].prompt.endswith("Hello, my") and len(out[0].outputs.token_ids) == 2
+    assert_idle(llm)
+
+
 def test_logit_bias_outside_the_vocabulary(llm):
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate(["hello", "world"], SamplingParams(max_tokens=2, logit_bias={10**7: 1.0}), use_tqdm=False)

@@ -57,14 +57,19 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             use_tqdm: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
+        """continue_final_message: the last message is an assistant reply to carry on (then
+        add_generation_prompt must be False), as in vLLM."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages: expected a non-empty list of messages or a list of conversations")
         batch = messages if isinstance(messages[0], list) else [messages]
         encoded = []
         for conversation in batch:
             try:
-                encoded.append(chat_prompt(self.tokenizer, conversation, chat_template_kwargs))
+                encoded.append(chat_prompt(self.tokenizer, conversation, chat_template_kwargs,
+                                           add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message))
             except PromptError as exc:
                 raise ValueError(f"{exc.param}: {exc}") from None
         thinking = bool((chat_template_kwargs or {}).get("enable_thinking", True))

@@ -72,7 +72,8 @@ class TokenizerWorker:
     def prompt_ids(self, req: wire.GenerateRequest) -> list[int]:
         tok = self.tokenizer
         if req.messages is not None:
-            _, ids = chat_prompt(tok, req.messages, req.chat_template_kwargs, req.enable_thinking)
+            _, ids = chat_prompt(tok, req.messages, req.chat_template_kwargs, req.enable_thinking,
+                                 req.add_generation_prompt, req.continue_final_message)
         elif req.prompt_token_ids is not None:
             ids = checked_ids(tok, req.prompt_token_ids)
         elif req.prompt is not None:

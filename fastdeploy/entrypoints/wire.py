@@ -42,6 +42,8 @@ class GenerateRequest(msgspec.Struct, tag="gen", **_STRUCT):
     want_logprobs: bool = False
     client_id: str = ""
     """The id the client chose; the engine rejects it while another request holds it (409)."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class DetokRegister(msgspec.Struct, tag="reg", **_STRUCT):

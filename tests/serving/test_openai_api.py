@@ -12,6 +12,8 @@ import urllib.request
 
 import openai
 import pytest
+
+import fastdeploy
 from stream_helpers import run_concurrent_streams
 
 SERVER_ARGS = ["--workers", "1"]
@@ -320,11 +322,28 @@ def test_tokenize_counts_what_usage_reports(server):
     assert status == 200 and back == {"prompt": prompt}
 
 
+def test_continue_final_message(server):
+    begun = [{"role": "user", "content": "Name three colors."}, {"role": "assistant", "content": "1. Red\n2."}]
+    status, counted = post(server, "/tokenize", {"messages": begun, "continue_final_message": True})
+    assert status == 200, counted
+    status, text = post(server, "/detokenize", {"tokens": counted["tokens"]})
+    assert text["prompt"].endswith("1. Red\n2.")  # the reply is carried on, not closed
+    status, fresh = post(server, "/tokenize", {"messages": begun})
+    assert fresh["count"] > counted["count"]  # a closed assistant turn and a new one opened
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
+    chat = client.chat.completions.create(model="default", messages=begun, max_tokens=6, temperature=0,
+                                          extra_body={"continue_final_message": True})
+    assert chat.choices[0].message.content
+    assert chat.usage.prompt_tokens == counted["count"]
+
+
 def test_health_ping_metrics(server):
     with urllib.request.urlopen(server.url + "/health", timeout=30) as resp:
         assert resp.status == 200
     with urllib.request.urlopen(server.url + "/ping", timeout=30) as resp:
         assert resp.status == 200
+    with urllib.request.urlopen(server.url + "/version", timeout=30) as resp:
+        assert json.loads(resp.read())["version"] == fastdeploy.__version__
     with urllib.request.urlopen(server.url + "/metrics", timeout=30) as resp:
         text = resp.read().decode()
     for name in ("fastdeploy:num_requests_running", "fastdeploy:num_requests_waiting",

@@ -165,7 +165,9 @@ class ApiWorker:
                     messages=parsed.messages, chat_template_kwargs=parsed.chat_template_kwargs,
                     add_special_tokens=parsed.kind == "completion", arrival_time=sub.arrival,
                     enable_thinking=parsed.enable_thinking, return_prompt_token_ids=parsed.return_token_ids,
-                    want_logprobs=parsed.logprobs, client_id=client_id)))
+                    want_logprobs=parsed.logprobs, client_id=client_id,
+                    add_generation_prompt=parsed.add_generation_prompt,
+                    continue_final_message=parsed.continue_final_message)))
             yield sub
         finally:
             for rid in ids:
@@ -239,6 +241,12 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [card]})
 
 
+async def version(request: web.Request) -> web.Response:
+    from fastdeploy import __version__
+
+    return web.json_response({"version": __version__})
+
+
 async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER_KEY]
     if worker.http is None or not worker.metrics_url:
@@ -262,6 +270,7 @@ def create_app(worker: ApiWorker) -> web.Application:
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/health", health)
     app.router.add_get("/ping", ping)
+    app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)
     return app
 

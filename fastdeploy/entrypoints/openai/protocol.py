@@ -61,6 +61,8 @@ class ParsedRequest:
     return_token_ids: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     logprobs: bool = False
     echo: bool = False
     score_only: bool = False
@@ -240,6 +242,19 @@ def _stream_options(body: _Body, stream: bool) -> tuple[bool, bool]:
     return bool(inner.boolean("include_usage")), bool(inner.boolean("continuous_usage_stats"))
 
 
+def _turn_options(body: _Body) -> tuple[bool, bool]:
+    """vLLM's add_generation_prompt (default on) and continue_final_message (default off; it turns
+    the default of the other off, since the two cannot both hold)."""
+    continue_final = bool(body.boolean("continue_final_message"))
+    add_generation = body.boolean("add_generation_prompt")
+    if add_generation is None:
+        add_generation = not continue_final
+    if add_generation and continue_final:
+        raise ApiError(400, "'continue_final_message' cannot be combined with 'add_generation_prompt': true",
+                       "continue_final_message")
+    return add_generation, continue_final
+
+
 def parse_chat(data: Any, ctx: ModelContext) -> ParsedRequest:
     body = _Body(data)
     model = check_model(body, ctx)
@@ -258,7 +273,9 @@ def parse_chat(data: Any, ctx: ModelContext) -> ParsedRequest:
         thinking = meta.get("enable_thinking", (kwargs or {}).get("enable_thinking"))
     if thinking is not None and not isinstance(thinking, bool):
         raise ApiError(400, "'enable_thinking' must be true or false", "enable_thinking")
+    add_generation, continue_final = _turn_options(body)
     return ParsedRequest(kind="chat", model=model, params=params, messages=messages, stream=stream,
+                         add_generation_prompt=add_generation, continue_final_message=continue_final,
                          include_usage=include_usage, continuous_usage=continuous,
                          return_token_ids=bool(body.boolean("return_token_ids")), chat_template_kwargs=kwargs,
                          enable_thinking=thinking, logprobs=logprobs, beam_width=beam_width,
@@ -357,6 +374,7 @@ class TokenizeRequest:
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
@@ -368,12 +386,12 @@ def parse_tokenize(data: Any, ctx: ModelContext) -> TokenizeRequest:
     if not chat and not isinstance(body.get("prompt"), str):
         raise ApiError(400, "give 'prompt' (a string) or 'messages'", "prompt")
     add_special = body.boolean("add_special_tokens")
-    add_generation = body.boolean("add_generation_prompt")
+    add_generation, continue_final = _turn_options(body)
     return TokenizeRequest(
         prompt=None if chat else body.get("prompt"), messages=parse_messages(body.get("messages")) if chat else None,
         # As the generation endpoints encode: completions add special tokens, chat templates write their own.
         add_special_tokens=(not chat) if add_special is None else add_special,
-        add_generation_prompt=True if add_generation is None else add_generation,
+        add_generation_prompt=add_generation, continue_final_message=continue_final,
         chat_template_kwargs=body.obj("chat_template_kwargs"),
         return_token_strs=bool(body.boolean("return_token_strs")))
 

@@ -18,7 +18,8 @@ def _encode(tok: Tokenizer, req: TokenizeRequest) -> list[int]:
     if req.messages is None:
         return tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
     text, ids = chat_prompt(tok, req.messages, req.chat_template_kwargs,
-                            add_generation_prompt=req.add_generation_prompt)
+                            add_generation_prompt=req.add_generation_prompt,
+                            continue_final_message=req.continue_final_message)
     return tok.encode(text, add_special_tokens=True) if req.add_special_tokens else ids
 
 
