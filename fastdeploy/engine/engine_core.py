@@ -14,6 +14,8 @@ import numpy as np
 
 from fastdeploy.config import EngineConfig
 from fastdeploy.engine.block_manager import BlockManager
+from fastdeploy.engine.json_grammar import DONE as JSON_DONE
+from fastdeploy.engine.json_grammar import JsonVocabulary, token_bytes
 from fastdeploy.engine.protocol import EngineRequest, EngineStats, StepOutput, TokenLogprobs
 from fastdeploy.engine.sampler import Sampler, token_logprobs
 from fastdeploy.engine.scheduler import ScheduledSeq, Scheduler
@@ -149,6 +151,8 @@ class EngineCore:
         seq = Sequence(rid, req.prompt_token_ids, params, max_tokens=0, arrival_time=req.arrival_time,
                        reply_to=req.reply_to)
         self._validate(req, seq)
+        if seq.json_state is not None:
+            self._ensure_json_vocab()
         if self.recent_aborts.pop(rid, None) is not None:
             self.pending.add(seq, [], "abort")
             return
@@ -245,6 +249,8 @@ class EngineCore:
         tokens, logprobs = self.sampler.sample(logits[:len(sampling)], sampling)
         for seq, token, lp in zip(sampling, tokens, logprobs):
             seq.append_token(token)
+            if seq.json_state is not None:
+                seq.json_state = self.sampler.json_vocab.advance(seq.json_state, token)  # type: ignore[union-attr]
             finish = self._finish_reason(seq, token)
             if finish is not None:
                 self.seqs.pop(seq.request_id, None)
@@ -262,8 +268,19 @@ class EngineCore:
             entry = token_logprobs(row, seq.prompt_token_ids[index], seq.params.prompt_logprobs)
             scored.append(entry)  # type: ignore[arg-type]
 
+    def _ensure_json_vocab(self) -> None:
+        """JSON mode's token masks need each token's bytes: the tokenizer is loaded on first use."""
+        if self.sampler.json_vocab is None:
+            from fastdeploy.input.tokenizer import load_tokenizer
+
+            logger.info("JSON mode: reading the vocabulary's token bytes")
+            pieces = token_bytes(load_tokenizer(self.model_path), self.vocab_size)
+            self.sampler.json_vocab = JsonVocabulary(pieces)
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
+        if p.response_format is not None and (seq.json_state is None or seq.json_state.mode == JSON_DONE):
+            return "stop"  # the object is closed (None: bans had left no token the object allows)
         past_min = seq.num_output_tokens >= p.min_tokens
         if past_min and not p.ignore_eos and token in self.eos_token_ids:
             return "stop"

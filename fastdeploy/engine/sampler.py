@@ -1,8 +1,9 @@
 """Batched sampling with per-request parameters, on the host in float32 numpy.
 
 Order per row: logits processors (logit_bias, repetition/presence/frequency penalties, bad words,
-min_tokens EOS suppression) → logprobs of the processed distribution → greedy argmax, or temperature,
-top-k, top-p, min-p and a draw from the row's own generator (seeded requests) or the shared one.
+min_tokens EOS suppression, JSON mode's mask) → logprobs of the processed distribution → greedy
+argmax, or temperature, top-k, top-p, min-p and a draw from the row's own generator (seeded
+requests) or the shared one.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from fastdeploy.engine.json_grammar import JsonVocabulary
 from fastdeploy.engine.protocol import TokenLogprobs
 from fastdeploy.engine.sampling_params import SamplingParams
 from fastdeploy.engine.sequence import Sequence
@@ -174,7 +176,8 @@ def token_logprobs(row: np.ndarray, token: int, num_top: int | None) -> TokenLog
     if num_top > 0:
         idx = np.argpartition(-row, num_top - 1)[:num_top]
         idx = idx[np.lexsort((idx, -row[idx]))]
-        top = [(int(i), logprob(int(i))) for i in idx]
+        # Tokens a ban or JSON mode took out (-inf) are no alternatives (and -inf is not JSON).
+        top = [(int(i), logprob(int(i))) for i in idx if row[i] != _NEG_INF]
     return TokenLogprobs(token_id=token, logprob=logprob(token), top=top)
 
 
@@ -182,6 +185,8 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int], seed: int | None = None) -> None:
         self.eos_token_ids = eos_token_ids
         self.shared_rng = np.random.default_rng(seed)
+        self.json_vocab: JsonVocabulary | None = None
+        """Set by the engine before the first JSON-mode request is sampled."""
 
     def sample(self, logits: np.ndarray, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """One token per row of logits [len(seqs), vocab] (float32, modified in place)."""
@@ -194,6 +199,9 @@ class Sampler:
             _apply_bias(row, seq)
             _apply_penalties(row, seq)
             _apply_bans(row, seq, self.eos_token_ids)
+            if seq.json_state is not None and self.json_vocab is not None:
+                # Last, so nothing after it can reopen a token the grammar closed.
+                row[~self.json_vocab.allowed(seq.json_state)] = _NEG_INF
             if seq.params.greedy:
                 token = int(np.argmax(row))
             else:
@@ -206,4 +214,4 @@ class Sampler:
 def _needs_processing(seq: Sequence) -> bool:
     p = seq.params
     return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.bad_words_token_ids
-                or p.logit_bias or seq.num_output_tokens < p.min_tokens)
+                or p.logit_bias or seq.json_state is not None or seq.num_output_tokens < p.min_tokens)

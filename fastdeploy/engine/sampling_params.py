@@ -39,8 +39,6 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_lik
     bad_words: list[str] | None = None
     bad_words_token_ids: list[list[int]] | None = None
     """Filled by the tokenizer stage from bad_words (each word's token sequences)."""
-    logit_bias: dict[int, float] | None = None
-    """Token id -> value added to its logit before penalties and sampling (OpenAI's logit_bias)."""
     max_tokens: int | None = None
     """None: up to the model length."""
     min_tokens: int = 0
@@ -55,6 +53,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_lik
     use_beam_search: bool = False
     length_penalty: float = 1.0
     reasoning_max_tokens: int | None = None
+    logit_bias: dict[int, float] | None = None
+    """Token id -> value added to its logit before penalties and sampling (OpenAI's logit_bias)."""
+    response_format: str | None = None
+    """"json_object": the output is one JSON object (engine/json_grammar.py); None: free text."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,6 +102,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_lik
             need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                      and -LOGIT_BIAS_LIMIT <= v <= LOGIT_BIAS_LIMIT for v in self.logit_bias.values()),
                  "logit_bias", f"values must be numbers in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]")
+        need(self.response_format in (None, "json_object"), "response_format",
+             f"must be 'json_object' or None, got {self.response_format!r}")
+        # Beam search re-submits each beam as a new prompt, which would restart the object.
+        need(not (self.response_format and self.use_beam_search), "response_format",
+             "is not supported with beam search")
         if self.reasoning_max_tokens is not None:
             need(self.reasoning_max_tokens >= 1, "reasoning_max_tokens", "must be at least 1")
         need(self.length_penalty >= 0.0, "length_penalty", "must be >= 0")

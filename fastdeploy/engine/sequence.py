@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from fastdeploy.engine.json_grammar import INITIAL, JsonState
 from fastdeploy.engine.protocol import TokenLogprobs
 from fastdeploy.engine.sampling_params import SamplingParams
 
@@ -50,6 +51,8 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprobs] | None = None
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [TokenLogprobs(token_id=t, logprob=0.0) for t in self.prompt_token_ids[:1]]
+        # JSON mode: where the output stands in the object (None: the mode is off, or a token broke it).
+        self.json_state: JsonState | None = INITIAL if params.response_format == "json_object" else None
 
     @property
     def prompt_logprobs_pending(self) -> bool:

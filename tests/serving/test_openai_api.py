@@ -337,6 +337,23 @@ def test_continue_final_message(server):
     assert chat.usage.prompt_tokens == counted["count"]
 
 
+def test_response_format_json_object(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
+    ask = [{"role": "user", "content": "Describe a cat as JSON with keys name, age and color."}]
+    chat = client.chat.completions.create(model="default", messages=ask, max_tokens=150, temperature=0,
+                                          response_format={"type": "json_object"})
+    assert chat.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(chat.choices[0].message.content), dict)
+    events = sse_events(server, "/v1/completions", {"prompt": "The cat, as a JSON object:", "max_tokens": 120,
+                                                    "temperature": 0, "stream": True,
+                                                    "response_format": {"type": "json_object"}})
+    chunks = [e["choices"][0] for e in events if isinstance(e, dict) and e["choices"]]
+    text = "".join(c["text"] for c in chunks)
+    assert text.lstrip().startswith("{")
+    if chunks[-1]["finish_reason"] == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
 def test_health_ping_metrics(server):
     with urllib.request.urlopen(server.url + "/health", timeout=30) as resp:
         assert resp.status == 200

@@ -182,6 +182,22 @@ def _logit_bias(body: _Body, vocab_size: int) -> dict[int, float] | None:
     return out or None
 
 
+def _response_format(body: _Body) -> str | None:
+    """OpenAI's response_format: {"type": "text"} (free text) or {"type": "json_object"}."""
+    value = body.obj("response_format")
+    if value is None:
+        return None
+    kind = value.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object"
+    if kind == "json_schema":
+        raise ApiError(400, "response_format 'json_schema' is not supported by this server; "
+                            "{\"type\": \"json_object\"} gives a JSON object without a schema", "response_format")
+    raise ApiError(400, f"response_format.type must be 'text' or 'json_object', got {kind!r}", "response_format")
+
+
 def _sampling_params(body: _Body, max_tokens_default: int | None, logprobs: int | None, vocab_size: int
                      ) -> tuple[SamplingParams, int]:
     meta = body.obj("metadata") or {}
@@ -203,6 +219,7 @@ def _sampling_params(body: _Body, max_tokens_default: int | None, logprobs: int 
         top_k=body.integer("top_k", -1, None), min_p=body.number("min_p", 0.0, 1.0),
         seed=body.integer("seed", 0, 2**63 - 1), stop=stop, stop_token_ids=body.int_list("stop_token_ids"),
         bad_words=body.strings("bad_words"), logit_bias=_logit_bias(body, vocab_size),
+        response_format=_response_format(body),
         max_tokens=max_tokens if max_tokens is not None else max_tokens_default,
         min_tokens=body.integer("min_tokens", 0, None, pick("min_tokens")) or 0,
         logprobs=logprobs, ignore_eos=body.boolean("ignore_eos"),
@@ -225,6 +242,8 @@ def _beam_width(body: _Body, params: SamplingParams) -> int:
         if params.best_of is not None and params.best_of > params.n:
             raise ApiError(400, "best_of > n is only supported with beam search (use_beam_search: true)", "best_of")
         return 0
+    if params.response_format is not None:
+        raise ApiError(400, "response_format is not supported with beam search", "response_format")
     width = num_beams if num_beams and num_beams > 1 else (params.best_of or params.n)
     if width > MAX_BEAMS or width < params.n:
         raise ApiError(400, f"beam width must be in [n, {MAX_BEAMS}], got {width}",
