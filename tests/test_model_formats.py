@@ -115,6 +115,14 @@ def test_sentencepiece_model_directory_runs_end_to_end(tmp_path):
     assert len(out[0].outputs.token_ids) == 5
     assert out[0].prompt_token_ids[0] == llm.tokenizer.bos_token_id
     assert isinstance(out[0].outputs.text, str)
+    # JSON mode reads sentencepiece pieces ("\u2581" for spaces, "<0xNN>" byte fallback) as bytes too.
+    from fastdeploy.engine import json_grammar as jg
+
+    # Random weights favour whitespace; the 16-byte cap on a run of it forces the "{" early.
+    json_mode = SamplingParams(temperature=0, max_tokens=40, response_format="json_object")
+    out = llm.generate("the quick brown fox", json_mode, use_tqdm=False)[0].outputs
+    assert out.text.lstrip().startswith("{")
+    assert jg.walk(jg.INITIAL, out.text.encode()) is not None, out.text
 
 
 def test_gguf_index_is_cached_per_file_version(tmp_path, monkeypatch):
