@@ -53,9 +53,9 @@ def _final_message(messages: list[dict[str, Any]], add_generation_prompt: bool) 
     return content.strip()
 
 
-def checked_ids(tok: Tokenizer, ids: list[int], param: str = "prompt") -> list[int]:
+def checked_ids(tok: Tokenizer, ids: list[int]) -> list[int]:
     """ids, if every one is in the tokenizer's vocabulary."""
     bad = [t for t in ids if not 0 <= t < tok.vocab_size]
     if bad:
-        raise PromptError(param, f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")
+        raise PromptError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")
     return list(ids)
