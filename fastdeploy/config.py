@@ -58,6 +58,10 @@ class SchedulerConfig:
     """Token budget of one step; longer prompts are prefilled in chunks."""
     scheduler_name: str = "local"
     enable_chunked_prefill: bool = True
+    max_prompt_scoring_tokens: int = 256
+    """Most prompt tokens a prompt-logprobs request computes in one step (with chunked prefill).
+    Each such token pays the lm_head and a log-softmax, so a 2,048-token chunk would stall every
+    other stream for about a second on the CPU."""
 
 
 @dataclass

@@ -87,3 +87,33 @@ def test_nothing_lost_under_pressure():
     assert not sched.has_work()
     assert all(s.num_output_tokens >= 6 for s in seqs)
     assert bm.num_free_blocks == 6
+
+
+def test_prompt_scoring_chunks_are_capped_and_leave_the_budget_to_others():
+    """A prompt-logprobs request computes at most max_prompt_scoring_tokens a step (each row pays
+    the lm_head); the rest of the budget goes to other requests."""
+    bm = BlockManager(32, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_prompt_scoring_tokens=8), bm)
+    scoring = Sequence("s", list(range(1, 21)), SamplingParams(prompt_logprobs=1), max_tokens=64)
+    plain = seq("p", 20)
+    sched.add(scoring)
+    sched.add(plain)
+    sizes = []
+    while scoring.num_output_tokens == 0:
+        items = run_step(sched)
+        sizes.append([(it.seq.request_id, it.num_new_tokens) for it in items])
+        # What EngineCore does: the first token's entry, then one per token whose predecessor is computed.
+        done = min(scoring.num_computed_tokens + 1, scoring.num_prompt_tokens)
+        scoring.prompt_logprobs.extend([None] * (done - len(scoring.prompt_logprobs)))
+    assert sizes == [[("s", 8), ("p", 20)], [("s", 8), ("p", 1)], [("s", 4), ("p", 1)]]
+    assert not scoring.prompt_logprobs_pending
+    assert [it.num_new_tokens for it in run_step(sched)] == [1, 1]  # decode as usual
+
+
+def test_prompt_scoring_cap_needs_chunked_prefill():
+    bm = BlockManager(32, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_prompt_scoring_tokens=8,
+                                      enable_chunked_prefill=False), bm)
+    scoring = Sequence("s", list(range(1, 21)), SamplingParams(prompt_logprobs=1), max_tokens=64)
+    sched.add(scoring)
+    assert [it.num_new_tokens for it in run_step(sched)] == [20]

@@ -67,7 +67,7 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, self._chunk_limit(seq, budget))
             target = seq.num_computed_tokens + num_new
             while not self.blocks.can_grow(seq, target):
                 # Victims come from the tail, which this loop has not scheduled yet (or is seq itself).
@@ -83,12 +83,18 @@ class Scheduler:
         self._admit_waiting(scheduled, budget)
         return scheduled
 
+    def _chunk_limit(self, seq: Sequence, budget: int) -> int:
+        """Most new tokens seq may compute in this step."""
+        if seq.prompt_logprobs_pending and self.config.enable_chunked_prefill:
+            return min(budget, self.config.max_prompt_scoring_tokens)
+        return budget
+
     def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             hits = [] if seq.prompt_logprobs_pending else self.blocks.match_prefix(seq)
             remaining = seq.num_tokens - len(hits) * self.blocks.block_size
-            num_new = min(remaining, budget)
+            num_new = min(remaining, self._chunk_limit(seq, budget))
             if num_new < remaining and not self.config.enable_chunked_prefill:
                 break
             target = len(hits) * self.blocks.block_size + num_new
