@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 # KV cache element types (--kv-cache-dtype, besides "auto"); int8: codes and a step per row.
 KV_CACHE_DTYPES = ("float32", "float16", "int8")
+# --guided-decoding-backend values (FastDeploy's, vLLM's); all but "off" run on llguidance here.
+GUIDED_DECODING_BACKENDS = ("auto", "guidance", "llguidance", "xgrammar", "off")
 
 
 @dataclass
@@ -28,6 +30,10 @@ class ModelConfig:
     exactly, when the native kernels run; fp32 otherwise (ModelRunner's resolve_quantization)."""
     seed: int = 0
     """Seed of the generator shared by requests that set no seed of their own (reproducible runs)."""
+    guided_decoding_backend: str = "auto"
+    """Structured output (JSON mode, schemas, regexes, choices, grammars): "off" refuses such
+    requests; every other value of GUIDED_DECODING_BACKENDS serves them with llguidance (and JSON
+    mode with its own recognizer): xgrammar is not part of this build."""
 
 
 @dataclass
@@ -91,6 +97,9 @@ class EngineConfig:
                              "use --quantization bf16 or wint8 for lower-precision weights")
         if self.model_config.quantization not in (None, "none", "bf16", "wint8"):
             raise ValueError(f"--quantization {self.model_config.quantization!r}: choose none, bf16 or wint8")
+        if self.model_config.guided_decoding_backend not in GUIDED_DECODING_BACKENDS:
+            raise ValueError(f"--guided-decoding-backend {self.model_config.guided_decoding_backend!r}: choose "
+                             f"{', '.join(GUIDED_DECODING_BACKENDS)}")
         cc = self.cache_config
         if cc.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
             raise ValueError(f"--kv-cache-dtype {cc.kv_cache_dtype!r}: choose auto, {', '.join(KV_CACHE_DTYPES)}")

@@ -1,6 +1,6 @@
 """SamplingParams(response_format="json_object"): the default model's output is one JSON object,
 greedy or sampled, and the request ends when the object closes. The HTTP side (response_format on
-both endpoints) is in tests/serving/test_openai_api.py; the masks in test_json_grammar.py."""
+both endpoints) is in tests/serving/test_openai_api.py; the masks in test_guided_decoding.py."""
 from __future__ import annotations
 
 import json

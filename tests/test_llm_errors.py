@@ -79,6 +79,7 @@ def test_sampling_params_list_length_mismatch(llm):
     ({"quantization": "fp8"}, "quantization"),
     ({"dtype": "bfloat16"}, "dtype"),
     ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype"),
+    ({"guided_decoding_backend": "outlines"}, "guided-decoding-backend"),
 ])
 def test_unsupported_engine_options_fail_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -5,6 +5,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from fastdeploy.config import (
+    GUIDED_DECODING_BACKENDS,
     KV_CACHE_DTYPES,
     CacheConfig,
     EngineConfig,
@@ -33,6 +34,7 @@ class EngineArgs:
     enable_mm: bool = False
     use_warmup: bool = False
     seed: int = 0
+    guided_decoding_backend: str = ModelConfig.guided_decoding_backend
     quantization: str | None = None
     block_size: int = CacheConfig.block_size
     gpu_memory_utilization: float = CacheConfig.gpu_memory_utilization
@@ -59,7 +61,8 @@ class EngineArgs:
             model_config=ModelConfig(model=self.model, max_model_len=self.max_model_len, dtype=self.dtype,
                                      reasoning_parser=self.reasoning_parser, enable_mm=self.enable_mm,
                                      use_warmup=self.use_warmup, seed=self.seed,
-                                     quantization=self.quantization),
+                                     quantization=self.quantization,
+                                     guided_decoding_backend=self.guided_decoding_backend),
             cache_config=CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                                      kv_cache_ratio=self.kv_cache_ratio,
                                      num_gpu_blocks_override=self.num_gpu_blocks_override,
@@ -89,6 +92,10 @@ class EngineArgs:
                        help="weight format of linear layers (default: wint8 for GGUF files in Q4_0/Q4_1/Q5_0/"
                             "Q5_1/Q8_0 blocks, which it holds exactly, on CPUs with the native kernels; fp32 "
                             "otherwise)")
+        g.add_argument("--guided-decoding-backend", default=d.guided_decoding_backend,
+                       choices=GUIDED_DECODING_BACKENDS,
+                       help="structured output (response_format, guided_json/regex/choice/grammar): off refuses "
+                            "it; every other value serves it with llguidance")
         g.add_argument("--block-size", type=int, default=d.block_size)
         g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
         g.add_argument("--kv-cache-ratio", type=float, default=d.kv_cache_ratio)

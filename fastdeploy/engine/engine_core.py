@@ -9,23 +9,29 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fastdeploy.config import EngineConfig
 from fastdeploy.engine.block_manager import BlockManager
-from fastdeploy.engine.json_grammar import DONE as JSON_DONE
-from fastdeploy.engine.json_grammar import JsonVocabulary, token_bytes
+from fastdeploy.engine.guided_decoding import GrammarError, GuidedVocabulary
 from fastdeploy.engine.protocol import EngineRequest, EngineStats, StepOutput, TokenLogprobs
 from fastdeploy.engine.sampler import Sampler, token_logprobs
+from fastdeploy.engine.sampling_params import GuidedDecodingParams
 from fastdeploy.engine.scheduler import ScheduledSeq, Scheduler
 from fastdeploy.engine.sequence import Sequence, SequenceStatus
 from fastdeploy.logger import setup_logging
 from fastdeploy.model_executor.model_runner import ModelRunner
 from fastdeploy.model_store import resolve_model
 
+if TYPE_CHECKING:
+    from fastdeploy.input.tokenizer import Tokenizer
+
 logger = logging.getLogger("fastdeploy")
 
+_JSON_OBJECT = GuidedDecodingParams(json_object=True)
+"""JSON mode (response_format="json_object") is this constraint."""
 _ABORT_MEMORY_SECONDS = 120.0
 _ABORT_MEMORY_SIZE = 4096
 
@@ -138,6 +144,10 @@ class EngineCore:
         self.pending = _Rows()
         self.num_steps = 0
         self.last_forward_seconds = 0.0
+        self._loaded_tokenizer: Tokenizer | None = None
+        if config.model_config.guided_decoding_backend == "xgrammar":
+            logger.info("--guided-decoding-backend xgrammar: not part of this build; llguidance serves the "
+                        "same constraints")
         if config.model_config.use_warmup:
             self._warmup()
 
@@ -151,8 +161,18 @@ class EngineCore:
         seq = Sequence(rid, req.prompt_token_ids, params, max_tokens=0, arrival_time=req.arrival_time,
                        reply_to=req.reply_to)
         self._validate(req, seq)
-        if seq.json_state is not None:
-            self._ensure_json_vocab()
+        guided = params.guided_decoding
+        if params.response_format == "json_object":
+            guided = _JSON_OBJECT
+        if guided is not None:
+            param = "response_format" if params.response_format else "guided_decoding"
+            if self.config.model_config.guided_decoding_backend == "off":
+                raise EngineRequestError(param, "structured output is off on this server "
+                                                "(--guided-decoding-backend off)")
+            try:
+                seq.matcher = self._guided_vocab().matcher(guided)
+            except GrammarError as exc:
+                raise EngineRequestError(param, str(exc)) from None
         if self.recent_aborts.pop(rid, None) is not None:
             self.pending.add(seq, [], "abort")
             return
@@ -249,8 +269,8 @@ class EngineCore:
         tokens, logprobs = self.sampler.sample(logits[:len(sampling)], sampling)
         for seq, token, lp in zip(sampling, tokens, logprobs):
             seq.append_token(token)
-            if seq.json_state is not None:
-                seq.json_state = self.sampler.json_vocab.advance(seq.json_state, token)  # type: ignore[union-attr]
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)  # a token outside the mask leaves it in error: "stop"
             finish = self._finish_reason(seq, token)
             if finish is not None:
                 self.seqs.pop(seq.request_id, None)
@@ -268,19 +288,24 @@ class EngineCore:
             entry = token_logprobs(row, seq.prompt_token_ids[index], seq.params.prompt_logprobs)
             scored.append(entry)  # type: ignore[arg-type]
 
-    def _ensure_json_vocab(self) -> None:
-        """JSON mode's token masks need each token's bytes: the tokenizer is loaded on first use."""
-        if self.sampler.json_vocab is None:
+    def _tokenizer(self) -> Tokenizer:
+        """Token masks need each token's bytes: the tokenizer is loaded on first use."""
+        if self._loaded_tokenizer is None:
             from fastdeploy.input.tokenizer import load_tokenizer
 
-            logger.info("JSON mode: reading the vocabulary's token bytes")
-            pieces = token_bytes(load_tokenizer(self.model_path), self.vocab_size)
-            self.sampler.json_vocab = JsonVocabulary(pieces)
+            logger.info("Constrained output: reading the vocabulary's token bytes")
+            self._loaded_tokenizer = load_tokenizer(self.model_path)
+        return self._loaded_tokenizer
+
+    def _guided_vocab(self) -> GuidedVocabulary:
+        if self.sampler.guided_vocab is None:
+            self.sampler.guided_vocab = GuidedVocabulary(self._tokenizer(), self.vocab_size, self.eos_token_ids)
+        return self.sampler.guided_vocab
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if p.response_format is not None and (seq.json_state is None or seq.json_state.mode == JSON_DONE):
-            return "stop"  # the object is closed (None: bans had left no token the object allows)
+        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            return "stop"  # complete, nothing may follow (error: bans had left no token it allows)
         past_min = seq.num_output_tokens >= p.min_tokens
         if past_min and not p.ignore_eos and token in self.eos_token_ids:
             return "stop"

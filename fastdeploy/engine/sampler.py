@@ -1,7 +1,7 @@
 """Batched sampling with per-request parameters, on the host in float32 numpy.
 
 Order per row: logits processors (logit_bias, repetition/presence/frequency penalties, bad words,
-min_tokens EOS suppression, JSON mode's mask) → logprobs of the processed distribution → greedy
+min_tokens EOS suppression, the structured-output mask) → logprobs of the processed distribution → greedy
 argmax, or temperature, top-k, top-p, min-p and a draw from the row's own generator (seeded
 requests) or the shared one.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fastdeploy.engine.json_grammar import JsonVocabulary
+from fastdeploy.engine.guided_decoding import GuidedVocabulary
 from fastdeploy.engine.protocol import TokenLogprobs
 from fastdeploy.engine.sampling_params import SamplingParams
 from fastdeploy.engine.sequence import Sequence
@@ -185,8 +185,8 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int], seed: int | None = None) -> None:
         self.eos_token_ids = eos_token_ids
         self.shared_rng = np.random.default_rng(seed)
-        self.json_vocab: JsonVocabulary | None = None
-        """Set by the engine before the first JSON-mode request is sampled."""
+        self.guided_vocab: GuidedVocabulary | None = None
+        """Set by the engine before the first structured-output request is sampled."""
 
     def sample(self, logits: np.ndarray, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """One token per row of logits [len(seqs), vocab] (float32, modified in place)."""
@@ -199,9 +199,9 @@ class Sampler:
             _apply_bias(row, seq)
             _apply_penalties(row, seq)
             _apply_bans(row, seq, self.eos_token_ids)
-            if seq.json_state is not None and self.json_vocab is not None:
+            if seq.matcher is not None and self.guided_vocab is not None:
                 # Last, so nothing after it can reopen a token the grammar closed.
-                row[~self.json_vocab.allowed(seq.json_state)] = _NEG_INF
+                row[~self.guided_vocab.allowed(seq.matcher)] = _NEG_INF
             if seq.params.greedy:
                 token = int(np.argmax(row))
             else:
@@ -214,4 +214,4 @@ class Sampler:
 def _needs_processing(seq: Sequence) -> bool:
     p = seq.params
     return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.bad_words_token_ids
-                or p.logit_bias or seq.json_state is not None or seq.num_output_tokens < p.min_tokens)
+                or p.logit_bias or seq.matcher is not None or seq.num_output_tokens < p.min_tokens)

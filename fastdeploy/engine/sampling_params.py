@@ -5,9 +5,13 @@ and raises ValueError naming the parameter, which the server turns into a 400 wi
 """
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import msgspec
+
+from fastdeploy.engine.guided_decoding import GrammarError, compile_grammar
 
 LOGIT_BIAS_LIMIT = 100.0
 """OpenAI's range for a logit_bias value: -100 bans a token in effect, +100 all but forces it."""
@@ -19,6 +23,41 @@ class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+class GuidedDecodingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Structured output (FastDeploy's and vLLM's names): exactly one constraint, which the output
+    follows token by token (engine/guided_decoding.py, on llguidance)."""
+
+    json: str | dict[str, Any] | None = None
+    """A JSON schema (a dict, or its JSON text)."""
+    regex: str | None = None
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """A GBNF (llama.cpp) or Lark grammar."""
+    json_object: bool | None = None
+    """Any JSON object."""
+    structural_tag: str | None = None
+    """JSON text of {"structures": [{"begin", "schema", "end"}], "triggers": [...]}: free text in
+    which each structure, once its trigger appears, is completed as begin + JSON(schema) + end."""
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in self.__struct_fields__ if getattr(self, name) not in (None, False)]
+        if len(chosen) != 1:
+            raise SamplingParamsError("guided_decoding", "set exactly one of json, regex, choice, grammar, "
+                                      f"json_object, structural_tag (got {', '.join(chosen) or 'none'})")
+        if self.choice is not None and not (isinstance(self.choice, list) and self.choice
+                                            and all(isinstance(c, str) and c for c in self.choice)):
+            raise SamplingParamsError("guided_decoding", "choice must be a non-empty list of non-empty strings")
+        try:
+            compile_grammar(self)
+        except GrammarError as exc:
+            raise SamplingParamsError("guided_decoding", str(exc)) from None
+
+    def key(self) -> str:
+        """A stable text naming this constraint (the compiled-grammar cache's key)."""
+        return json.dumps(msgspec.to_builtins(self), sort_keys=True)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True, gc=False):
@@ -56,7 +95,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_lik
     logit_bias: dict[int, float] | None = None
     """Token id -> value added to its logit before penalties and sampling (OpenAI's logit_bias)."""
     response_format: str | None = None
-    """"json_object": the output is one JSON object (engine/json_grammar.py); None: free text."""
+    """"json_object": the output is one JSON object (engine/guided_decoding.py); None: free text."""
+    guided_decoding: GuidedDecodingParams | None = None
+    """Structured output: a JSON schema, regex, choice or grammar the output follows."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,6 +148,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, array_lik
         # Beam search re-submits each beam as a new prompt, which would restart the object.
         need(not (self.response_format and self.use_beam_search), "response_format",
              "is not supported with beam search")
+        if isinstance(self.guided_decoding, dict):  # e.g. sampling_params given as a dict (EngineClient)
+            try:
+                self.guided_decoding = GuidedDecodingParams(**self.guided_decoding)
+            except TypeError as exc:
+                raise SamplingParamsError("guided_decoding", str(exc)) from None
+        if self.guided_decoding is not None:
+            need(isinstance(self.guided_decoding, GuidedDecodingParams), "guided_decoding",
+                 "must be a GuidedDecodingParams or a dict of its fields")
+            need(self.response_format is None, "guided_decoding", "cannot be combined with response_format")
+            need(not self.use_beam_search, "guided_decoding", "is not supported with beam search")
         if self.reasoning_max_tokens is not None:
             need(self.reasoning_max_tokens >= 1, "reasoning_max_tokens", "must be at least 1")
         need(self.length_penalty >= 0.0, "length_penalty", "must be >= 0")

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fastdeploy.engine.json_grammar import INITIAL, JsonState
 from fastdeploy.engine.protocol import TokenLogprobs
 from fastdeploy.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -51,8 +54,8 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprobs] | None = None
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [TokenLogprobs(token_id=t, logprob=0.0) for t in self.prompt_token_ids[:1]]
-        # JSON mode: where the output stands in the object (None: the mode is off, or a token broke it).
-        self.json_state: JsonState | None = INITIAL if params.response_format == "json_object" else None
+        # Structured output (guided_decoding, JSON mode): set by the engine, advanced by each sampled token.
+        self.matcher: LLMatcher | None = None
 
     @property
     def prompt_logprobs_pending(self) -> bool:

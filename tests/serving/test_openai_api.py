@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import textwrap
 import urllib.request
 
 import openai
+import pydantic
 import pytest
 
 import fastdeploy
@@ -60,6 +62,7 @@ def test_seed_curl_example(server):
 
 SEED_001 = '''
 import openai
+import pydantic
 ip = "127.0.0.1"
 service_http_port = "{port}" # 服务配置的
 client = openai.Client(base_url=f"http://{{ip}}:{{service_http_port}}/v1", api_key="EMPTY_API_KEY")
@@ -96,6 +99,7 @@ print("\\n")
 
 SEED_004 = '''
 import openai
+import pydantic
 host = "127.0.0.1"
 port = "{port}"
 client = openai.Client(base_url=f"http://{{host}}:{{port}}/v1", api_key="null")
@@ -352,6 +356,50 @@ def test_response_format_json_object(server):
     assert text.lstrip().startswith("{")
     if chunks[-1]["finish_reason"] == "stop":
         assert isinstance(json.loads(text), dict)
+
+
+BOOK_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["author", "title", "genre"],
+               "properties": {"author": {"type": "string", "maxLength": 40}, "title": {"type": "string", "maxLength": 60},
+                              "genre": {"enum": ["Romance", "Mystery", "Dystopian"]}}}
+
+
+def test_structured_outputs(server):
+    """FastDeploy's structured-output surface: response_format json_schema (also through the SDK's
+    parse), guided_choice / guided_regex / guided_grammar in extra_body, streamed too."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
+    ask = [{"role": "user", "content": "Describe a famous novel as JSON: author, title and genre."}]
+    chat = client.chat.completions.create(
+        model="default", messages=ask, max_tokens=120, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "book", "schema": BOOK_SCHEMA}})
+    doc = json.loads(chat.choices[0].message.content)
+    assert set(doc) == {"author", "title", "genre"} and doc["genre"] in ("Romance", "Mystery", "Dystopian")
+    assert chat.choices[0].finish_reason == "stop"
+
+    class Tower(pydantic.BaseModel):
+        addr: str = pydantic.Field(max_length=60)
+        height: int
+
+    parsed = client.beta.chat.completions.parse(
+        model="default", max_tokens=80, temperature=0, response_format=Tower,
+        messages=[{"role": "user", "content": "The Oriental Pearl Tower is at No.1 Century Avenue, Shanghai, "
+                                              "468 meters high. What is its address and height?"}])
+    assert isinstance(parsed.choices[0].message.parsed, Tower)
+
+    choices = ["positive", "negative"]
+    chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Loved it!"}],
+                                          extra_body={"guided_choice": choices})
+    assert chat.choices[0].message.content in choices
+    # FastDeploy's docs anchor their regexes; the whole output must match anyway.
+    chat = client.chat.completions.create(model="default", max_tokens=40,
+                                          messages=[{"role": "user", "content": "A web address, please."}],
+                                          extra_body={"guided_regex": r"^https:\/\/www\.[a-z]{1,12}\.com\/?$\n"})
+    assert re.fullmatch(r"https://www\.[a-z]{1,12}\.com/?\n", chat.choices[0].message.content)
+    grammar = 'root ::= "<h1>" [A-Za-z ]{1,20} "</h1>"'
+    stream = client.completions.create(model="default", prompt="An HTML heading:", max_tokens=40, stream=True,
+                                       extra_body={"guided_grammar": grammar})
+    pieces = [(c.choices[0].text, c.choices[0].finish_reason) for c in stream if c.choices]
+    assert re.fullmatch(r"<h1>[A-Za-z ]{1,20}</h1>", "".join(text for text, _ in pieces))
+    assert pieces[-1][1] == "stop"
 
 
 def test_health_ping_metrics(server):

@@ -3,6 +3,7 @@ blocking), aborts freeing KV blocks, duplicate ids, and frames that do not decod
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import urllib.request
 
@@ -11,7 +12,7 @@ import pytest
 import zmq
 
 from fastdeploy.client import AsyncEngineClient, EngineClient, EngineClientError
-from fastdeploy.engine.sampling_params import SamplingParams
+from fastdeploy.engine.sampling_params import GuidedDecodingParams, SamplingParams
 from fastdeploy.entrypoints import wire
 from serving.conftest import free_port
 
@@ -91,8 +92,26 @@ def test_blocking_client_n_choices_and_bad_values(server):
         assert err.value.status == 400 and err.value.param == "max_tokens"
         with pytest.raises(ValueError, match="top_p"):
             client.submit("hi", sampling_params=dict(top_p=5.0))
+        with pytest.raises(ValueError, match="guided_decoding"):
+            client.submit("hi", sampling_params=dict(guided_decoding={"regex": "a(b"}))
         # The client still works after the errors.
         assert client.generate("Hello", sampling_params=dict(max_tokens=2)).choices[0].token_ids
+
+
+def test_structured_output_over_zmq(server):
+    """GuidedDecodingParams crosses the wire inside SamplingParams (also given as a dict)."""
+    ask = [{"role": "user", "content": "Is the sea wet? Answer yes or no."}]
+    with EngineClient(ADDR, timeout=120) as client:
+        for guided in (GuidedDecodingParams(choice=["yes", "no"]), {"choice": ["yes", "no"]}):
+            result = client.generate(messages=ask, sampling_params=dict(max_tokens=8, guided_decoding=guided))
+            assert result.text in ("yes", "no") and result.choices[0].finish_reason == "stop"
+        schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
+                  "required": ["n"], "additionalProperties": False}
+        result = client.generate(messages=[{"role": "user", "content": "Give a number as JSON."}],
+                                 sampling_params=SamplingParams(max_tokens=60, temperature=0,
+                                                                guided_decoding=GuidedDecodingParams(json=schema)))
+        assert result.choices[0].finish_reason == "stop", result.text
+        assert 0 <= json.loads(result.text)["n"] <= 999
 
 
 async def test_duplicate_request_id_in_flight_is_refused(server):

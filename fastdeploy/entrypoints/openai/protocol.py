@@ -6,11 +6,17 @@ FastDeploy documents.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastdeploy.engine.sampling_params import LOGIT_BIAS_LIMIT, SamplingParams, SamplingParamsError
+from fastdeploy.engine.sampling_params import (
+    LOGIT_BIAS_LIMIT,
+    GuidedDecodingParams,
+    SamplingParams,
+    SamplingParamsError,
+)
 
 ACCEPTED_MODEL_ALIASES = ("default", "null")
 MAX_PROMPTS = 64
@@ -182,20 +188,49 @@ def _logit_bias(body: _Body, vocab_size: int) -> dict[int, float] | None:
     return out or None
 
 
-def _response_format(body: _Body) -> str | None:
-    """OpenAI's response_format: {"type": "text"} (free text) or {"type": "json_object"}."""
-    value = body.obj("response_format")
-    if value is None:
-        return None
-    kind = value.get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return "json_object"
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar", "guided_json_object": "json_object", "structural_tag": "structural_tag"}
+"""Request fields for structured output (FastDeploy's and vLLM's), and GuidedDecodingParams' names."""
+_GUIDED_TYPES: dict[str, tuple[type, ...]] = {"json": (dict, str), "regex": (str,), "choice": (list,),
+                                              "grammar": (str,), "json_object": (bool,), "structural_tag": (str,)}
+
+
+def _structured_output(body: _Body) -> tuple[str | None, GuidedDecodingParams | None]:
+    """OpenAI's response_format ("text", "json_object", "json_schema", FastDeploy's "structural_tag")
+    and the guided_* fields: (JSON mode or None, the structured-output constraint or None)."""
+    found: list[tuple[str, str, Any]] = []  # (request field, GuidedDecodingParams field, value)
+    fmt = body.obj("response_format")
+    kind = fmt.get("type", "text") if fmt is not None else "text"
     if kind == "json_schema":
-        raise ApiError(400, "response_format 'json_schema' is not supported by this server; "
-                            "{\"type\": \"json_object\"} gives a JSON object without a schema", "response_format")
-    raise ApiError(400, f"response_format.type must be 'text' or 'json_object', got {kind!r}", "response_format")
+        spec = fmt.get("json_schema")  # type: ignore[union-attr]
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise ApiError(400, "response_format.json_schema must be an object whose 'schema' is a JSON schema",
+                           "response_format")
+        schema = spec.get("schema", {})
+        found.append(("response_format", "json", schema if isinstance(schema, dict) else {}))
+    elif kind == "structural_tag":
+        tags = {key: fmt.get(key) for key in ("structures", "triggers")}  # type: ignore[union-attr]
+        found.append(("response_format", "structural_tag", json.dumps(tags)))
+    elif kind not in ("text", "json_object"):
+        raise ApiError(400, "response_format.type must be 'text', 'json_object', 'json_schema' or "
+                            f"'structural_tag', got {kind!r}", "response_format")
+    for name, target in _GUIDED_FIELDS.items():
+        value = body.get(name)
+        if value is None or value is False:
+            continue
+        if not isinstance(value, _GUIDED_TYPES[target]):
+            raise ApiError(400, f"'{name}' has the wrong type ({type(value).__name__})", name)
+        found.append((name, target, value))
+    if len(found) > 1 or (found and kind == "json_object"):
+        names = [name for name, _, _ in found] + (["response_format"] if kind == "json_object" else [])
+        raise ApiError(400, f"only one structured-output constraint per request, got {', '.join(names)}", names[-1])
+    if not found:
+        return ("json_object" if kind == "json_object" else None), None
+    name, target, value = found[0]
+    try:
+        return None, GuidedDecodingParams(**{target: value})
+    except SamplingParamsError as exc:
+        raise ApiError(400, f"{name}: {str(exc).removeprefix('guided_decoding: ')}", name) from None
 
 
 def _sampling_params(body: _Body, max_tokens_default: int | None, logprobs: int | None, vocab_size: int
@@ -208,6 +243,7 @@ def _sampling_params(body: _Body, max_tokens_default: int | None, logprobs: int 
         max_tokens = body.integer("max_completion_tokens", 1, None)
     n = body.integer("n", 1, 64) or 1
     stop = body.strings("stop")
+    json_mode, guided = _structured_output(body)
     if stop is not None and (len(stop) > 16 or not all(stop)):
         raise ApiError(400, "'stop' must be at most 16 non-empty strings", "stop")
     kwargs: dict[str, Any] = dict(
@@ -219,7 +255,7 @@ def _sampling_params(body: _Body, max_tokens_default: int | None, logprobs: int 
         top_k=body.integer("top_k", -1, None), min_p=body.number("min_p", 0.0, 1.0),
         seed=body.integer("seed", 0, 2**63 - 1), stop=stop, stop_token_ids=body.int_list("stop_token_ids"),
         bad_words=body.strings("bad_words"), logit_bias=_logit_bias(body, vocab_size),
-        response_format=_response_format(body),
+        response_format=json_mode, guided_decoding=guided,
         max_tokens=max_tokens if max_tokens is not None else max_tokens_default,
         min_tokens=body.integer("min_tokens", 0, None, pick("min_tokens")) or 0,
         logprobs=logprobs, ignore_eos=body.boolean("ignore_eos"),
@@ -242,8 +278,9 @@ def _beam_width(body: _Body, params: SamplingParams) -> int:
         if params.best_of is not None and params.best_of > params.n:
             raise ApiError(400, "best_of > n is only supported with beam search (use_beam_search: true)", "best_of")
         return 0
-    if params.response_format is not None:
-        raise ApiError(400, "response_format is not supported with beam search", "response_format")
+    if params.response_format is not None or params.guided_decoding is not None:
+        field_ = next((name for name in _GUIDED_FIELDS if body.get(name) not in (None, False)), "response_format")
+        raise ApiError(400, f"'{field_}' (structured output) is not supported with beam search", field_)
     width = num_beams if num_beams and num_beams > 1 else (params.best_of or params.n)
     if width > MAX_BEAMS or width < params.n:
         raise ApiError(400, f"beam width must be in [n, {MAX_BEAMS}], got {width}",
