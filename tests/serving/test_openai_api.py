@@ -386,9 +386,10 @@ def test_structured_outputs(server):
     assert isinstance(parsed.choices[0].message.parsed, Tower)
 
     choices = ["positive", "negative"]
-    chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Loved it!"}],
-                                          extra_body={"guided_choice": choices})
-    assert chat.choices[0].message.content in choices
+    for extra in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Loved it!"}],
+                                              extra_body=extra)
+        assert chat.choices[0].message.content in choices
     # FastDeploy's docs anchor their regexes; the whole output must match anyway.
     chat = client.chat.completions.create(model="default", max_tokens=40,
                                           messages=[{"role": "user", "content": "A web address, please."}],

@@ -196,8 +196,8 @@ _GUIDED_TYPES: dict[str, tuple[type, ...]] = {"json": (dict, str), "regex": (str
 
 
 def _structured_output(body: _Body) -> tuple[str | None, GuidedDecodingParams | None]:
-    """OpenAI's response_format ("text", "json_object", "json_schema", FastDeploy's "structural_tag")
-    and the guided_* fields: (JSON mode or None, the structured-output constraint or None)."""
+    """OpenAI's response_format ("text", "json_object", "json_schema", FastDeploy's "structural_tag"),
+    the guided_* fields and vLLM's structured_outputs: (JSON mode or None, the constraint or None)."""
     found: list[tuple[str, str, Any]] = []  # (request field, GuidedDecodingParams field, value)
     fmt = body.obj("response_format")
     kind = fmt.get("type", "text") if fmt is not None else "text"
@@ -214,12 +214,14 @@ def _structured_output(body: _Body) -> tuple[str | None, GuidedDecodingParams | 
     elif kind not in ("text", "json_object"):
         raise ApiError(400, "response_format.type must be 'text', 'json_object', 'json_schema' or "
                             f"'structural_tag', got {kind!r}", "response_format")
-    for name, target in _GUIDED_FIELDS.items():
-        value = body.get(name)
+    candidates = [(name, target, body.get(name)) for name, target in _GUIDED_FIELDS.items()]
+    newer = body.obj("structured_outputs") or {}  # vLLM's newer object holding the same fields
+    candidates += [("structured_outputs", target, newer.get(target)) for target in _GUIDED_TYPES]
+    for name, target, value in candidates:
         if value is None or value is False:
             continue
         if not isinstance(value, _GUIDED_TYPES[target]):
-            raise ApiError(400, f"'{name}' has the wrong type ({type(value).__name__})", name)
+            raise ApiError(400, f"'{name}' ({target}) has the wrong type ({type(value).__name__})", name)
         found.append((name, target, value))
     if len(found) > 1 or (found and kind == "json_object"):
         names = [name for name, _, _ in found] + (["response_format"] if kind == "json_object" else [])
