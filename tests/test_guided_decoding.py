@@ -141,11 +141,12 @@ def test_json_mode_takes_every_object_and_nothing_else(vocab, llm):
     tok = llm.tokenizer
     for doc in JSON_OBJECTS:
         for text in (json.dumps(doc), json.dumps(doc, indent=2), json.dumps(doc, indent=4, ensure_ascii=False)):
-            matcher = guided.matcher(GuidedDecodingParams(json_object=True))
+            state = guided.start(GuidedDecodingParams(json_object=True), [], reasoning=False)
             for t in tok.encode(text):
-                assert guided.allowed(matcher)[t], (text, tok.decode([t]))
-                assert not matcher.is_stopped() and matcher.consume_token(t)
-            assert matcher.is_stopped(), text
+                assert guided.allowed(state)[t], (text, tok.decode([t]))
+                assert not state.complete
+                guided.advance(state, t)
+            assert state.complete and not state.matcher.is_error(), text
     for text in NOT_JSON_OBJECTS:
         matcher = guided.matcher(GuidedDecodingParams(json_object=True))
         assert not matcher.consume_tokens(tok.encode(text)) or not matcher.is_accepting(), text
@@ -156,22 +157,23 @@ def test_masks_match_the_vocabulary_walked_by_hand(vocab, llm):
     (ASCII digits: llguidance's \\d is Unicode's, whose digits' UTF-8 lead bytes would be allowed)."""
     guided, pieces = vocab
     prefix = re.compile(rb"[0-9]{0,3}|[0-9]{3}-[0-9]{0,4}")
-    matcher = guided.matcher(GuidedDecodingParams(regex=r"[0-9]{3}-[0-9]{4}"))
+    state = guided.start(GuidedDecodingParams(regex=r"[0-9]{3}-[0-9]{4}"), [], reasoning=False)
     eos = set(llm.engine.eos_token_ids)
     text = b""
     for step in range(8):
-        allowed = guided.allowed(matcher)
+        allowed = guided.allowed(state)
         want = np.array([p is not None and len(p) > 0 and prefix.fullmatch(text + p) is not None
                          for p in pieces])
         np.testing.assert_array_equal(allowed, want, err_msg=f"after {text!r}")
         # Take the longest allowed token, to walk the grammar in few steps.
         token = max(np.flatnonzero(allowed), key=lambda t: len(pieces[t] or b""))
-        assert matcher.consume_token(int(token))
+        guided.advance(state, int(token))
+        assert not state.matcher.is_error()
         text += pieces[token]
-        if matcher.is_stopped():
+        if state.complete:
             break
-    assert re.fullmatch(rb"[0-9]{3}-[0-9]{4}", text) and matcher.is_stopped()
-    assert set(np.flatnonzero(guided.allowed(matcher))) <= eos  # complete: EOS alone may follow
+    assert re.fullmatch(rb"[0-9]{3}-[0-9]{4}", text) and state.complete
+    assert set(np.flatnonzero(guided.allowed(state))) <= eos  # complete: EOS alone may follow
 
 
 def test_structural_tag_forces_the_structure_after_its_trigger(vocab, llm):
@@ -180,12 +182,12 @@ def test_structural_tag_forces_the_structure_after_its_trigger(vocab, llm):
                             "schema": {"type": "object", "properties": {"tz": {"type": "string"}},
                                        "required": ["tz"], "additionalProperties": False}}],
             "triggers": ["<function="]}
-    matcher = guided.matcher(GuidedDecodingParams(structural_tag=json.dumps(tags)))
-    assert matcher.consume_tokens(llm.tokenizer.encode("Sure. <function=get_time>"))
-    allowed = guided.allowed(matcher)
+    state = guided.start(GuidedDecodingParams(structural_tag=json.dumps(tags)), [], reasoning=False)
+    assert state.matcher.consume_tokens(llm.tokenizer.encode("Sure. <function=get_time>"))
+    allowed = guided.allowed(state)
     starts = {pieces[t].lstrip()[:1] for t in np.flatnonzero(allowed) if pieces[t] and pieces[t].strip()}
     assert starts == {b"{"}, starts  # the arguments must be the schema's object
-    assert not matcher.consume_tokens(llm.tokenizer.encode("hello"))
+    assert not state.matcher.consume_tokens(llm.tokenizer.encode("hello"))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -226,3 +228,27 @@ def test_backend_off_refuses_structured_output_and_xgrammar_is_served(default_mo
     out = xgr.chat(ask, SamplingParams(guided_decoding=GuidedDecodingParams(choice=["yes", "no"])),
                    use_tqdm=False)[0].outputs
     assert out.text in ("yes", "no")
+
+
+# The prompt leaves a think block open; few-shot, so that the model closes it first.
+_SHOT = "Question: is fire hot?\n<think>\nok\n</think>\nyes\n\nQuestion: is ice hot?\n<think>\nok\n</think>\nno\n\n"
+THINKING_PROMPT = _SHOT * 3 + "Question: is the sun hot?\n<think>\nok\n"
+
+
+def test_constraint_starts_after_the_reasoning(default_model_path, llm):
+    """With a reasoning parser that takes the output as reasoning from its start, the model first
+    closes its think block freely (`</think>` is no answer the constraint allows), then answers
+    within it; with thinking switched off, or no parser, the constraint holds from the first token."""
+    yes_no = SamplingParams(temperature=0, max_tokens=30, guided_decoding=GuidedDecodingParams(choice=["yes", "no"]))
+    thinking = LLM(model=default_model_path, max_model_len=1024, num_gpu_blocks_override=32,
+                   reasoning_parser="ernie-45-vl")
+    out = thinking.generate(THINKING_PROMPT, yes_no, use_tqdm=False)[0].outputs
+    whole = thinking.tokenizer.decode(out.token_ids, skip_special_tokens=False)
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+    assert whole.startswith("</think>") and whole.endswith(out.text), whole
+    assert not out.reasoning_content  # "ok" was in the prompt; nothing more was thought
+    off = thinking.chat([{"role": "user", "content": "Is the sun hot?"}], yes_no, use_tqdm=False,
+                        chat_template_kwargs={"enable_thinking": False})[0].outputs
+    assert thinking.tokenizer.decode(off.token_ids, skip_special_tokens=False) in ("yes", "no")
+    plain = llm.generate(THINKING_PROMPT, yes_no, use_tqdm=False)[0].outputs
+    assert plain.text in ("yes", "no") and llm.tokenizer.decode(plain.token_ids, skip_special_tokens=False) == plain.text

@@ -170,7 +170,7 @@ class EngineCore:
                 raise EngineRequestError(param, "structured output is off on this server "
                                                 "(--guided-decoding-backend off)")
             try:
-                seq.matcher = self._guided_vocab().matcher(guided)
+                seq.guided = self._guided_vocab().start(guided, thinking=req.reasoning_first)
             except GrammarError as exc:
                 raise EngineRequestError(param, str(exc)) from None
         if self.recent_aborts.pop(rid, None) is not None:
@@ -269,8 +269,8 @@ class EngineCore:
         tokens, logprobs = self.sampler.sample(logits[:len(sampling)], sampling)
         for seq, token, lp in zip(sampling, tokens, logprobs):
             seq.append_token(token)
-            if seq.matcher is not None:
-                seq.matcher.consume_token(token)  # a token outside the mask leaves it in error: "stop"
+            if seq.guided is not None:
+                self.sampler.guided_vocab.advance(seq.guided, token)  # type: ignore[union-attr]
             finish = self._finish_reason(seq, token)
             if finish is not None:
                 self.seqs.pop(seq.request_id, None)
@@ -304,8 +304,8 @@ class EngineCore:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
-            return "stop"  # complete, nothing may follow (error: bans had left no token it allows)
+        if seq.guided is not None and seq.guided.complete:
+            return "stop"
         past_min = seq.num_output_tokens >= p.min_tokens
         if past_min and not p.ignore_eos and token in self.eos_token_ids:
             return "stop"

@@ -137,6 +137,37 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes | None]:
     return out
 
 
+_THINK_CLOSE = b"</think>"
+
+
+_LAYOUT_NEWLINES = 2
+"""Newline tokens allowed right after `</think>` (template layout the reasoning parser strips)."""
+
+
+class GuidedState:
+    """One sequence's structured-output progress.
+
+    When the reasoning parser takes the output as reasoning from its start (DeepSeek-R1 and ERNIE
+    thinking models), the constraint starts after the model's `</think>`, as vLLM's does, rather
+    than forcing the structure into the reasoning. Up to _LAYOUT_NEWLINES newline tokens may come
+    between the two, as templates lay them out. (A parser that waits for the output to open a
+    think block, Qwen3's, gets the constraint at once: no thinking under structured output.)"""
+
+    def __init__(self, matcher: LLMatcher, thinking: bool) -> None:
+        self.matcher = matcher
+        self.thinking = thinking
+        self.layout = _LAYOUT_NEWLINES if not thinking else 0
+        """Newline tokens taken since `</think>`; at _LAYOUT_NEWLINES, or once the constraint
+        started, no more are allowed outside it."""
+        self._tail = b""
+        """The last output bytes while thinking, to find a `</think>` split across tokens."""
+
+    @property
+    def complete(self) -> bool:
+        """The output is complete (or a token outside the mask broke it: bans had left none)."""
+        return not self.thinking and (self.matcher.is_stopped() or self.matcher.is_error())
+
+
 class GuidedVocabulary:
     """The model's tokens as llguidance sees them, and the matchers built on them.
 
@@ -148,11 +179,13 @@ class GuidedVocabulary:
         self.pieces = token_bytes(tokenizer, vocab_size)
         """Each token's bytes; None for special tokens and unused ids."""
         specials = [t for t, p in enumerate(self.pieces) if p is None and tokenizer.is_special(t)]
-        tokens = [p if p is not None else b"" for p in self.pieces]
+        self.tokens = [p if p is not None else b"" for p in self.pieces]
+        """Each token's bytes, a special token's as 0xFF and its name."""
         for t in specials:
-            tokens[t] = b"\xff" + (tokenizer.id_to_token(t) or "").encode()
-        self.tokenizer = LLTokenizer(TokenizerWrapper(_Vocab(tokens, specials, eos_token_ids)),
+            self.tokens[t] = b"\xff" + (tokenizer.id_to_token(t) or "").encode()
+        self.tokenizer = LLTokenizer(TokenizerWrapper(_Vocab(self.tokens, specials, eos_token_ids)),
                                      n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        self._newlines = np.array([bool(p) and not p.strip(b"\n") for p in self.tokens], dtype=bool)
 
     def matcher(self, params: GuidedDecodingParams) -> LLMatcher:
         """A fresh matcher at the start of the output; GrammarError if it cannot be built."""
@@ -161,10 +194,31 @@ class GuidedVocabulary:
             raise GrammarError(matcher.get_error())
         return matcher
 
-    def allowed(self, matcher: LLMatcher) -> np.ndarray:
-        """Bool per token: may it come next (EOS once the output is complete)."""
-        bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
-        return np.unpackbits(bits, bitorder="little", count=self.vocab_size).astype(bool)
+    def start(self, params: GuidedDecodingParams, thinking: bool) -> GuidedState:
+        """A new sequence's state; thinking: the output is reasoning until `</think>` comes."""
+        return GuidedState(self.matcher(params), thinking)
+
+    def allowed(self, state: GuidedState) -> np.ndarray | None:
+        """Bool per token: may it come next (EOS once the output is complete); None while thinking."""
+        if state.thinking:
+            return None
+        bits = np.frombuffer(state.matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little", count=self.vocab_size).astype(bool)
+        if state.layout < _LAYOUT_NEWLINES:
+            allowed |= self._newlines
+        return allowed
+
+    def advance(self, state: GuidedState, token: int) -> None:
+        """Take the sampled token; outside the mask it leaves the matcher in error (`complete`)."""
+        if state.thinking:
+            tail = state._tail + self.tokens[token]
+            state.thinking = _THINK_CLOSE not in tail
+            state._tail = tail[-len(_THINK_CLOSE):]
+        elif state.layout < _LAYOUT_NEWLINES and self._newlines[token] and not state.matcher.validate_tokens([token]):
+            state.layout += 1  # layout, unless the constraint itself takes the newline
+        else:
+            state.layout = _LAYOUT_NEWLINES
+            state.matcher.consume_token(token)
 
 
 class _Vocab:

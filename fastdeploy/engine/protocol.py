@@ -23,6 +23,9 @@ class EngineRequest(msgspec.Struct, tag="req", **_STRUCT):
     """Address the step outputs for this request go to (a detokenizer); empty in-process."""
     client_id: str = ""
     """The id the client chose (HTTP `request_id`, fdclient `req_id`); unique among requests in flight."""
+    reasoning_first: bool = False
+    """The reasoning parser takes the output as reasoning until `</think>` (output/reasoning.py's
+    starts_in_reasoning): structured output starts after that tag."""
 
 
 class AbortRequests(msgspec.Struct, tag="abort", **_STRUCT):

@@ -199,9 +199,11 @@ class Sampler:
             _apply_bias(row, seq)
             _apply_penalties(row, seq)
             _apply_bans(row, seq, self.eos_token_ids)
-            if seq.matcher is not None and self.guided_vocab is not None:
+            if seq.guided is not None and self.guided_vocab is not None:
                 # Last, so nothing after it can reopen a token the grammar closed.
-                row[~self.guided_vocab.allowed(seq.matcher)] = _NEG_INF
+                allowed = self.guided_vocab.allowed(seq.guided)
+                if allowed is not None:
+                    row[~allowed] = _NEG_INF
             if seq.params.greedy:
                 token = int(np.argmax(row))
             else:
@@ -214,4 +216,4 @@ class Sampler:
 def _needs_processing(seq: Sequence) -> bool:
     p = seq.params
     return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.bad_words_token_ids
-                or p.logit_bias or seq.matcher is not None or seq.num_output_tokens < p.min_tokens)
+                or p.logit_bias or seq.guided is not None or seq.num_output_tokens < p.min_tokens)

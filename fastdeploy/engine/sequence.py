@@ -11,7 +11,7 @@ from fastdeploy.engine.protocol import TokenLogprobs
 from fastdeploy.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from llguidance import LLMatcher
+    from fastdeploy.engine.guided_decoding import GuidedState
 
 
 class SequenceStatus(enum.Enum):
@@ -55,7 +55,7 @@ class Sequence:
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [TokenLogprobs(token_id=t, logprob=0.0) for t in self.prompt_token_ids[:1]]
         # Structured output (guided_decoding, JSON mode): set by the engine, advanced by each sampled token.
-        self.matcher: LLMatcher | None = None
+        self.guided: GuidedState | None = None
 
     @property
     def prompt_logprobs_pending(self) -> bool:

@@ -22,6 +22,7 @@ from fastdeploy.input.bad_words import bad_words_to_token_ids
 from fastdeploy.input.prompt_ids import PromptError, chat_prompt
 from fastdeploy.input.tokenizer import Tokenizer, load_tokenizer
 from fastdeploy.output.detokenizer import RequestTextState
+from fastdeploy.output.reasoning import starts_in_reasoning
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -152,8 +153,9 @@ class LLM:
             params = params.clone(bad_words_token_ids=bad_words_to_token_ids(self.tokenizer, params.bad_words))
         index = int(rid.rsplit("-", 1)[1]) if "-" in rid else 0
         now = time.time()
-        self.engine.add_request(EngineRequest(request_id=rid, prompt_token_ids=ids, sampling_params=params,
-                                              arrival_time=now))
+        self.engine.add_request(EngineRequest(
+            request_id=rid, prompt_token_ids=ids, sampling_params=params, arrival_time=now,
+            reasoning_first=starts_in_reasoning(self.reasoning_parser, enable_thinking)))
         output = RequestOutput(request_id=rid, prompt=text, prompt_token_ids=ids,
                                outputs=CompletionOutput(index=index), metrics=RequestMetrics(arrival_time=now))
         state = RequestTextState(self.tokenizer, params, reasoning_parser=self.reasoning_parser,

@@ -23,6 +23,7 @@ from fastdeploy.entrypoints.runtime import PushCache, RunSpec, child_setup, push
 from fastdeploy.input.bad_words import bad_words_to_token_ids
 from fastdeploy.input.prompt_ids import PromptError, chat_prompt, checked_ids
 from fastdeploy.input.tokenizer import Tokenizer, load_tokenizer
+from fastdeploy.output.reasoning import starts_in_reasoning
 
 logger = logging.getLogger("fastdeploy")
 
@@ -61,13 +62,15 @@ class TokenizerWorker:
             num_prompt_tokens=len(ids), prompt_tail=ids[-PROMPT_TAIL_TOKENS:],
             prompt_token_ids=ids if req.return_prompt_token_ids else None, enable_thinking=req.enable_thinking,
             want_logprobs=req.want_logprobs))
+        reasoning_first = starts_in_reasoning(self.spec.reasoning_parser, req.enable_thinking is not False)
         for i, child in enumerate(wire.child_ids(req.request_id, params.n)):
             seed = params.seed + i if params.seed is not None and params.n > 1 else params.seed
             child_params = params.clone(n=1, seed=seed) if params.n > 1 else params
             self.engine.send(wire.encode(EngineRequest(request_id=child, prompt_token_ids=ids,
                                                        sampling_params=child_params,
                                                        arrival_time=req.arrival_time, reply_to=detok,
-                                                       client_id=req.client_id)))
+                                                       client_id=req.client_id,
+                                                       reasoning_first=reasoning_first)))
 
     def prompt_ids(self, req: wire.GenerateRequest) -> list[int]:
         tok = self.tokenizer

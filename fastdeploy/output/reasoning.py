@@ -112,6 +112,15 @@ def check_reasoning_parser(name: str | None) -> None:
         raise ValueError(f"--reasoning-parser {name!r} is unknown; choose one of {', '.join(reasoning_parser_names())}")
 
 
+def starts_in_reasoning(name: str | None, enable_thinking: bool = True) -> bool:
+    """Whether the parser takes a request's output as reasoning from its first token (until
+    `</think>`): the engine then holds structured output back until that tag."""
+    if name is None:
+        return False
+    check_reasoning_parser(name)
+    return _PARSERS[name] and enable_thinking
+
+
 def get_reasoning_parser(name: str | None, enable_thinking: bool = True) -> ReasoningParser | None:
     """A fresh per-request parser, or None when there is nothing to split."""
     if name is None:

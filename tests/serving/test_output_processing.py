@@ -9,7 +9,7 @@ import pytest
 
 from fastdeploy.engine.sampling_params import SamplingParams
 from fastdeploy.output.detokenizer import MAX_PENDING_TOKENS, IncrementalDetokenizer, RequestTextState, StopChecker
-from fastdeploy.output.reasoning import check_reasoning_parser, get_reasoning_parser
+from fastdeploy.output.reasoning import check_reasoning_parser, get_reasoning_parser, starts_in_reasoning
 
 
 class CountingTokenizer:
@@ -179,6 +179,14 @@ def test_reasoning_split_streaming(name, text, content, reasoning):
 def test_reasoning_disabled_thinking_gives_content_only():
     assert get_reasoning_parser("deepseek-r1", enable_thinking=False) is None
     assert get_reasoning_parser(None) is None
+
+
+def test_which_outputs_start_in_reasoning():
+    """What the engine is told (EngineRequest.reasoning_first) to hold structured output back."""
+    assert starts_in_reasoning("deepseek-r1") and starts_in_reasoning("ernie-x1", enable_thinking=True)
+    assert not starts_in_reasoning("deepseek-r1", enable_thinking=False)
+    assert not starts_in_reasoning("qwen3")  # the output itself opens the think block, or does not
+    assert not starts_in_reasoning(None)
 
 
 def test_unknown_reasoning_parser_is_an_error():
