@@ -89,6 +89,12 @@ def test_batch_mixes_constrained_and_free_requests(llm):
     free = llm.chat(prompts[1], params[1], use_tqdm=False)[0].outputs
     assert outs[1].outputs.token_ids == free.token_ids  # the free one is untouched by the others' masks
     assert re.fullmatch("[A-Z]{5}", outs[2].outputs.text)
+    # n > 1: each choice follows the constraint on its own.
+    outs = llm.chat([{"role": "user", "content": "Pick a colour."}],
+                    SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=10,
+                                   guided_decoding=GuidedDecodingParams(choice=["red", "green", "blue"])),
+                    use_tqdm=False)
+    assert len(outs) == 4 and all(o.outputs.text in ("red", "green", "blue") for o in outs)
 
 
 def test_logprobs_leave_out_masked_tokens(llm):
