@@ -32,8 +32,8 @@ class ModelConfig:
     """Seed of the generator shared by requests that set no seed of their own (reproducible runs)."""
     guided_decoding_backend: str = "auto"
     """Structured output (JSON mode, schemas, regexes, choices, grammars): "off" refuses such
-    requests; every other value of GUIDED_DECODING_BACKENDS serves them with llguidance (and JSON
-    mode with its own recognizer): xgrammar is not part of this build."""
+    requests; every other value of GUIDED_DECODING_BACKENDS serves them with llguidance
+    (engine/guided_decoding.py): xgrammar is not part of this build."""
 
 
 @dataclass

@@ -147,7 +147,7 @@ def test_json_mode_takes_every_object_and_nothing_else(vocab, llm):
     tok = llm.tokenizer
     for doc in JSON_OBJECTS:
         for text in (json.dumps(doc), json.dumps(doc, indent=2), json.dumps(doc, indent=4, ensure_ascii=False)):
-            state = guided.start(GuidedDecodingParams(json_object=True), [], reasoning=False)
+            state = guided.start(GuidedDecodingParams(json_object=True), thinking=False)
             for t in tok.encode(text):
                 assert guided.allowed(state)[t], (text, tok.decode([t]))
                 assert not state.complete
@@ -163,7 +163,7 @@ def test_masks_match_the_vocabulary_walked_by_hand(vocab, llm):
     (ASCII digits: llguidance's \\d is Unicode's, whose digits' UTF-8 lead bytes would be allowed)."""
     guided, pieces = vocab
     prefix = re.compile(rb"[0-9]{0,3}|[0-9]{3}-[0-9]{0,4}")
-    state = guided.start(GuidedDecodingParams(regex=r"[0-9]{3}-[0-9]{4}"), [], reasoning=False)
+    state = guided.start(GuidedDecodingParams(regex=r"[0-9]{3}-[0-9]{4}"), thinking=False)
     eos = set(llm.engine.eos_token_ids)
     text = b""
     for step in range(8):
@@ -188,12 +188,30 @@ def test_structural_tag_forces_the_structure_after_its_trigger(vocab, llm):
                             "schema": {"type": "object", "properties": {"tz": {"type": "string"}},
                                        "required": ["tz"], "additionalProperties": False}}],
             "triggers": ["<function="]}
-    state = guided.start(GuidedDecodingParams(structural_tag=json.dumps(tags)), [], reasoning=False)
+    state = guided.start(GuidedDecodingParams(structural_tag=json.dumps(tags)), thinking=False)
     assert state.matcher.consume_tokens(llm.tokenizer.encode("Sure. <function=get_time>"))
     allowed = guided.allowed(state)
     starts = {pieces[t].lstrip()[:1] for t in np.flatnonzero(allowed) if pieces[t] and pieces[t].strip()}
     assert starts == {b"{"}, starts  # the arguments must be the schema's object
     assert not state.matcher.consume_tokens(llm.tokenizer.encode("hello"))
+
+
+def test_thinking_holds_the_constraint_until_the_tag_then_allows_layout_newlines(vocab, llm):
+    guided, _ = vocab
+    tok = llm.tokenizer
+    state = guided.start(GuidedDecodingParams(choice=["yes"]), thinking=True)
+    for t in tok.encode("Let me see. Yes.</think>"):  # the tag comes in three tokens: "</", "think", ">"
+        assert state.thinking and guided.allowed(state) is None
+        guided.advance(state, t)
+    assert not state.thinking and not state.complete
+    newline, yes = tok.encode("\n")[0], tok.encode("yes")[0]
+    assert guided.allowed(state)[newline] and guided.allowed(state)[yes]
+    guided.advance(state, newline)
+    guided.advance(state, newline)
+    allowed = guided.allowed(state)
+    assert not allowed[newline] and allowed[yes]  # two layout newlines at most, then the constraint
+    guided.advance(state, yes)
+    assert state.complete and not state.matcher.is_error()
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -257,4 +275,5 @@ def test_constraint_starts_after_the_reasoning(default_model_path, llm):
                         chat_template_kwargs={"enable_thinking": False})[0].outputs
     assert thinking.tokenizer.decode(off.token_ids, skip_special_tokens=False) in ("yes", "no")
     plain = llm.generate(THINKING_PROMPT, yes_no, use_tqdm=False)[0].outputs
-    assert plain.text in ("yes", "no") and llm.tokenizer.decode(plain.token_ids, skip_special_tokens=False) == plain.text
+    assert plain.text in ("yes", "no")
+    assert llm.tokenizer.decode(plain.token_ids, skip_special_tokens=False) == plain.text

@@ -214,8 +214,9 @@ class GuidedVocabulary:
             tail = state._tail + self.tokens[token]
             state.thinking = _THINK_CLOSE not in tail
             state._tail = tail[-len(_THINK_CLOSE):]
-        elif state.layout < _LAYOUT_NEWLINES and self._newlines[token] and not state.matcher.validate_tokens([token]):
-            state.layout += 1  # layout, unless the constraint itself takes the newline
+        elif (state.layout < _LAYOUT_NEWLINES and self._newlines[token]
+              and not state.matcher.validate_tokens([token])):  # layout, unless the constraint takes it
+            state.layout += 1
         else:
             state.layout = _LAYOUT_NEWLINES
             state.matcher.consume_token(token)

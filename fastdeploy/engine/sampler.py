@@ -1,9 +1,9 @@
 """Batched sampling with per-request parameters, on the host in float32 numpy.
 
 Order per row: logits processors (logit_bias, repetition/presence/frequency penalties, bad words,
-min_tokens EOS suppression, the structured-output mask) → logprobs of the processed distribution → greedy
-argmax, or temperature, top-k, top-p, min-p and a draw from the row's own generator (seeded
-requests) or the shared one.
+min_tokens EOS suppression, the structured-output mask) → logprobs of the processed distribution
+→ greedy argmax, or temperature, top-k, top-p, min-p and a draw from the row's own generator
+(seeded requests) or the shared one.
 """
 from __future__ import annotations
 

@@ -359,7 +359,8 @@ def test_response_format_json_object(server):
 
 
 BOOK_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["author", "title", "genre"],
-               "properties": {"author": {"type": "string", "maxLength": 40}, "title": {"type": "string", "maxLength": 60},
+               "properties": {"author": {"type": "string", "maxLength": 40},
+                              "title": {"type": "string", "maxLength": 60},
                               "genre": {"enum": ["Romance", "Mystery", "Dystopian"]}}}
 
 

@@ -203,10 +203,10 @@ def _structured_output(body: _Body) -> tuple[str | None, GuidedDecodingParams | 
     kind = fmt.get("type", "text") if fmt is not None else "text"
     if kind == "json_schema":
         spec = fmt.get("json_schema")  # type: ignore[union-attr]
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+        schema = spec.get("schema", True) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict) and schema is not True:  # true: any JSON value
             raise ApiError(400, "response_format.json_schema must be an object whose 'schema' is a JSON schema",
                            "response_format")
-        schema = spec.get("schema", {})
         found.append(("response_format", "json", schema if isinstance(schema, dict) else {}))
     elif kind == "structural_tag":
         tags = {key: fmt.get(key) for key in ("structures", "triggers")}  # type: ignore[union-attr]
@@ -281,7 +281,8 @@ def _beam_width(body: _Body, params: SamplingParams) -> int:
             raise ApiError(400, "best_of > n is only supported with beam search (use_beam_search: true)", "best_of")
         return 0
     if params.response_format is not None or params.guided_decoding is not None:
-        field_ = next((name for name in _GUIDED_FIELDS if body.get(name) not in (None, False)), "response_format")
+        field_ = next((name for name in (*_GUIDED_FIELDS, "structured_outputs") if body.get(name) not in (None, False)),
+                      "response_format")
         raise ApiError(400, f"'{field_}' (structured output) is not supported with beam search", field_)
     width = num_beams if num_beams and num_beams > 1 else (params.best_of or params.n)
     if width > MAX_BEAMS or width < params.n:
