@@ -277,3 +277,19 @@ def test_constraint_starts_after_the_reasoning(default_model_path, llm):
     plain = llm.generate(THINKING_PROMPT, yes_no, use_tqdm=False)[0].outputs
     assert plain.text in ("yes", "no")
     assert llm.tokenizer.decode(plain.token_ids, skip_special_tokens=False) == plain.text
+
+
+def test_preemption_keeps_the_constraint_state(default_model_path, llm):
+    """A preempted sequence recomputes its K/V but keeps its matcher: its output is the one it
+    gives alone, and it still follows the constraint."""
+    words = GuidedDecodingParams(regex=r"([a-z]+ ){40}[a-z]+\.")
+    asks = [[{"role": "user", "content": f"Write about {topic}."}] for topic in ("cats", "rain", "ships", "bread")]
+    params = SamplingParams(temperature=0, max_tokens=200, guided_decoding=words)
+    alone = [o.outputs.text for o in llm.chat(asks, params, use_tqdm=False)]  # the shared pool is large
+    # 6 blocks of 64 tokens for four sequences of ~80 (two blocks each): some must be preempted.
+    tight = LLM(model=default_model_path, max_model_len=1024, num_gpu_blocks_override=6, max_num_seqs=4)
+    outs = [o.outputs for o in tight.chat(asks, params, use_tqdm=False)]
+    stats = tight.engine.stats()
+    assert stats.num_preemptions > 0 and stats.num_free_blocks == stats.num_blocks
+    assert [o.text for o in outs] == alone
+    assert all(re.fullmatch(r"([a-z]+ ){40}[a-z]+\.", o.text) and o.finish_reason == "stop" for o in outs)
