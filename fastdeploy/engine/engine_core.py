@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,9 +23,6 @@ from fastdeploy.engine.sequence import Sequence, SequenceStatus
 from fastdeploy.logger import setup_logging
 from fastdeploy.model_executor.model_runner import ModelRunner
 from fastdeploy.model_store import resolve_model
-
-if TYPE_CHECKING:
-    from fastdeploy.input.tokenizer import Tokenizer
 
 logger = logging.getLogger("fastdeploy")
 
@@ -144,7 +140,6 @@ class EngineCore:
         self.pending = _Rows()
         self.num_steps = 0
         self.last_forward_seconds = 0.0
-        self._loaded_tokenizer: Tokenizer | None = None
         if config.model_config.guided_decoding_backend == "xgrammar":
             logger.info("--guided-decoding-backend xgrammar: not part of this build; llguidance serves the "
                         "same constraints")
@@ -288,18 +283,14 @@ class EngineCore:
             entry = token_logprobs(row, seq.prompt_token_ids[index], seq.params.prompt_logprobs)
             scored.append(entry)  # type: ignore[arg-type]
 
-    def _tokenizer(self) -> Tokenizer:
-        """Token masks need each token's bytes: the tokenizer is loaded on first use."""
-        if self._loaded_tokenizer is None:
+    def _guided_vocab(self) -> GuidedVocabulary:
+        """Token masks need each token's bytes: the tokenizer is read on the first constrained request."""
+        if self.sampler.guided_vocab is None:
             from fastdeploy.input.tokenizer import load_tokenizer
 
-            logger.info("Constrained output: reading the vocabulary's token bytes")
-            self._loaded_tokenizer = load_tokenizer(self.model_path)
-        return self._loaded_tokenizer
-
-    def _guided_vocab(self) -> GuidedVocabulary:
-        if self.sampler.guided_vocab is None:
-            self.sampler.guided_vocab = GuidedVocabulary(self._tokenizer(), self.vocab_size, self.eos_token_ids)
+            logger.info("Structured output: reading the vocabulary's token bytes")
+            tok = load_tokenizer(self.model_path)
+            self.sampler.guided_vocab = GuidedVocabulary(tok, self.vocab_size, self.eos_token_ids)
         return self.sampler.guided_vocab
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

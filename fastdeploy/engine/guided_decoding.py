@@ -159,7 +159,7 @@ class GuidedState:
         self.layout = _LAYOUT_NEWLINES if not thinking else 0
         """Newline tokens taken since `</think>`; at _LAYOUT_NEWLINES, or once the constraint
         started, no more are allowed outside it."""
-        self._tail = b""
+        self.tail = b""
         """The last output bytes while thinking, to find a `</think>` split across tokens."""
 
     @property
@@ -211,9 +211,9 @@ class GuidedVocabulary:
     def advance(self, state: GuidedState, token: int) -> None:
         """Take the sampled token; outside the mask it leaves the matcher in error (`complete`)."""
         if state.thinking:
-            tail = state._tail + self.tokens[token]
+            tail = state.tail + self.tokens[token]
             state.thinking = _THINK_CLOSE not in tail
-            state._tail = tail[-len(_THINK_CLOSE):]
+            state.tail = tail[-len(_THINK_CLOSE):]
         elif (state.layout < _LAYOUT_NEWLINES and self._newlines[token]
               and not state.matcher.validate_tokens([token])):  # layout, unless the constraint takes it
             state.layout += 1
